@@ -1,0 +1,648 @@
+"""
+Turn raw text into pre-masked, memory-mapped arrays for BERT pretraining (the 24hBERT recipe).
+
+    python prepare_data.py --out data/wiki                       # Wikipedia + BookCorpus from the hub
+    python prepare_data.py --input corpus/ --tokenizer vocab.txt --out data/mine
+    python prepare_data.py --demo --train-tokenizer --vocab-size 8192 --out data/demo   # offline
+
+Pipeline: read documents as a stream -> hold out validation documents -> cut the stream into
+chunks of about 512 KB of text -> in parallel, per chunk: tokenize, pack into fixed-length
+[CLS] ... [SEP] rows, mask each row `dup_factor` times -> write shards in chunk order.
+
+Output folder (what train_bert.py reads; the contract is meta.json, not shared code):
+    meta.json                       format, settings, special ids, counts, every array's file/shape/dtype
+    tokenizer.json                  the exact tokenizer used
+    {split}-{k:05d}-input_ids.npy       (rows, seq_len)       unmasked token ids, [PAD] after the text
+    {split}-{k:05d}-mask_positions.npy  (dup, rows, max_pred) masked positions, ascending; 0 = unused slot
+    {split}-{k:05d}-mask_tokens.npy     (dup, rows, max_pred) the token the model sees there
+The token ids are stored once and only the masking per duplicate (about 86 bytes per row per
+duplicate at seq_len 128, against 274 for the original 24hBERT HDF5 files). Labels are
+input_ids[row, positions]. The validation split has a single fixed masking (dup = 1).
+
+Packing: documents follow each other in the token stream, separated by [SEP]; every row takes the
+next seq_len - 2 tokens, so rows cross document boundaries (as RoBERTa's FULL-SENTENCES) and no token
+is dropped. Only the last row of each chunk is padded, which makes padding about 0.05%.
+
+Determinism: chunks are cut by the reader, not by the workers, and each chunk is masked with a
+random generator seeded by (seed, split, chunk index), so --workers never changes a byte.
+"""
+
+import argparse
+import ast
+import glob
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import sysconfig
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import current_process as mp_current_process
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+FORMAT_VERSION = 1
+CHUNK_CHARS = 1 << 19  # text per worker task: small enough to spread a small corpus over the cores
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+DEFAULT_DATASETS = ["wikimedia/wikipedia:20231101.en", "bookcorpus/bookcorpus"]
+DEFAULT_TOKENIZER = "bert-large-uncased"  # the 24hBERT vocabulary, from the hub
+SPLIT_IDS = {"train": 0, "val": 1}
+
+
+@dataclass
+class PrepareConfig:
+    out: str = "data/prepared"
+    dataset: list = field(default_factory=list)  # hub names NAME[:CONFIG]; default Wikipedia + BookCorpus
+    input: list = field(default_factory=list)  # local files, folders or globs
+    demo: bool = False  # the embedded offline corpus: this Python's standard-library docstrings
+    text_column: str = "text"  # for .jsonl, .parquet and hub datasets
+    doc_sep: str = "line"  # plain text: one document per "line", or documents separated by "blank" lines
+    tokenizer: str = ""  # tokenizer.json, vocab.txt or a hub name; default bert-large-uncased
+    train_tokenizer: bool = False  # train a lower-cased WordPiece vocabulary on the corpus instead
+    vocab_size: int = 30522
+    seq_len: int = 128
+    dup_factor: int = 10
+    mask_prob: float = 0.15
+    max_predictions: int = 20
+    val_fraction: float = 0.01
+    max_val_docs: int = 10_000  # caps the validation split for corpora as large as Wikipedia
+    shard_size: int = 1 << 18  # rows per shard file (a shard closes after the chunk that fills it)
+    seed: int = 0
+    workers: int = 0  # 0 = all cores
+
+
+class UserError(Exception):
+    """A mistake in the command line or the input: printed as one line, no traceback."""
+
+
+# -----------------------------------------------------------------------------
+# Sources: every reader yields documents (str) one at a time, so the corpus never sits in memory.
+
+def expand_inputs(patterns):
+    """Files, folders (searched recursively) and globs -> a sorted list of files."""
+    files = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            found = [p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True) if os.path.isfile(p)]
+        elif os.path.isfile(pattern):
+            found = [pattern]
+        else:
+            found = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+        if not found:
+            raise UserError(f"input {pattern!r} matches no file; check the path")
+        files += sorted(found)
+    return [os.path.abspath(p) for p in files]
+
+
+def read_text_file(path, doc_sep):
+    with open(path, encoding="utf-8") as f:  # text mode also turns CRLF into LF
+        lines = []
+        for line in f:
+            line = line.strip()
+            if doc_sep == "line":
+                if line:
+                    yield line
+            elif line:
+                lines.append(line)
+            elif lines:
+                yield "\n".join(lines)
+                lines = []
+        if lines:
+            yield "\n".join(lines)
+
+
+def read_jsonl_file(path, text_column):
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{line_number} is not valid JSON")
+            if not isinstance(row, dict) or text_column not in row:
+                raise UserError(f"{path}:{line_number} has no {text_column!r} field; set --text-column")
+            yield row[text_column]
+
+
+def read_parquet_file(path, text_column):
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    if text_column not in parquet.schema_arrow.names:
+        raise UserError(f"{path} has no column {text_column!r}; set --text-column")
+    for batch in parquet.iter_batches(batch_size=1024, columns=[text_column]):
+        yield from batch.column(0).to_pylist()
+
+
+def read_hub_dataset(name, text_column):
+    import datasets  # imported here: only hub sources need it
+
+    path, _, config = name.partition(":")
+    try:
+        stream = datasets.load_dataset(path, config or None, split="train", streaming=True)
+        for row in stream:
+            yield row[text_column]
+    except KeyError:
+        raise UserError(f"dataset {name} has no column {text_column!r}; set --text-column")
+    except Exception as e:  # no network, unknown name, ...: the library's first line says which
+        raise UserError(f"could not read dataset {name} from the hub: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def stdlib_docstrings():
+    """The demo corpus: every module, class and function docstring of this Python's standard library
+    (about 1.6 MB and 250k words of English prose, present on any machine that runs this script)."""
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+        if skip & set(os.path.relpath(path, root).split(os.sep)):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                docstring = ast.get_docstring(node)
+                if docstring:
+                    yield docstring
+
+
+def describe_sources(cfg):
+    """What will be read, in order, as recorded in meta.json; also checks local paths up front."""
+    if cfg.demo:
+        return [{"kind": "python-stdlib-docstrings", "python": sys.version.split()[0]}]
+    datasets = cfg.dataset or ([] if cfg.input else DEFAULT_DATASETS)
+    sources = [{"kind": "hub", "name": name} for name in datasets]
+    for path in expand_inputs(cfg.input):
+        sources.append({"kind": "file", "path": path, "bytes": os.path.getsize(path)})
+    return sources
+
+
+def iter_documents(sources, cfg):
+    for source in sources:
+        if source["kind"] == "python-stdlib-docstrings":
+            docs = stdlib_docstrings()
+        elif source["kind"] == "hub":
+            docs = read_hub_dataset(source["name"], cfg.text_column)
+        elif source["path"].endswith((".jsonl", ".json")):
+            docs = read_jsonl_file(source["path"], cfg.text_column)
+        elif source["path"].endswith(".parquet"):
+            docs = read_parquet_file(source["path"], cfg.text_column)
+        else:
+            docs = read_text_file(source["path"], cfg.doc_sep)
+        try:
+            for doc in docs:
+                if doc and not doc.isspace():
+                    yield doc
+        except UnicodeDecodeError:
+            raise UserError(f"{source.get('path')} is not UTF-8 text")
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+def load_tokenizer(name):
+    from tokenizers import Tokenizer
+    from tokenizers.implementations import BertWordPieceTokenizer
+
+    if os.path.isfile(name):
+        if name.endswith(".json"):
+            try:
+                return Tokenizer.from_file(name)
+            except Exception:
+                raise UserError(f"{name} is not a tokenizers JSON file")
+        return BertWordPieceTokenizer(name, lowercase=True)._tokenizer  # a BERT vocab.txt
+    if os.path.sep in name or name.endswith((".json", ".txt")):
+        raise UserError(f"tokenizer file {name} does not exist")
+    try:
+        return Tokenizer.from_pretrained(name)
+    except Exception:
+        raise UserError(f"tokenizer {name!r} is neither a file nor reachable on the hub; pass --tokenizer FILE or --train-tokenizer")
+
+
+def train_tokenizer(documents, vocab_size):
+    """A lower-cased WordPiece vocabulary, as bert-large-uncased's, learned from the corpus."""
+    from tokenizers.implementations import BertWordPieceTokenizer
+
+    trainer = BertWordPieceTokenizer(lowercase=True)
+    trainer.train_from_iterator(documents, vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    # The trainer numbers tokens in hash-map order, different on every run, and that order also breaks
+    # ties between merges (huggingface/tokenizers#1794). WordPiece matching does not depend on ids, so
+    # renumbering in sorted order makes most runs identical; a tie can still swap a rare token. For
+    # byte-identical reruns, pass the saved OUT/tokenizer.json with --tokenizer.
+    learned = sorted(set(trainer.get_vocab()) - set(SPECIAL_TOKENS))
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + learned)}
+    return BertWordPieceTokenizer(vocab, lowercase=True)._tokenizer
+
+
+def special_token_ids(tokenizer, name):
+    ids = {key: tokenizer.token_to_id(f"[{key.upper()}]") for key in ("cls", "sep", "mask", "pad", "unk")}
+    missing = [f"[{key.upper()}]" for key in ("cls", "sep", "mask", "pad") if ids[key] is None]
+    if missing:
+        raise UserError(f"tokenizer {name} has no {' '.join(missing)} token; use a BERT tokenizer (vocab.txt or tokenizer.json)")
+    return ids
+
+
+# -----------------------------------------------------------------------------
+# Packing and masking: the heart of the data pipeline, both pure numpy functions.
+
+def pack_sequences(token_lists, seq_len, cls_id, sep_id, pad_id):
+    """Documents (lists of ids) -> (rows, seq_len) array of [CLS] stream... [SEP], [SEP] between documents."""
+    stream = []
+    for ids in token_lists:
+        if ids:
+            stream.extend(ids)
+            stream.append(sep_id)
+    stream = np.array(stream[:-1], dtype=np.int64)  # the last document needs no separator
+    body = seq_len - 2
+    rows = -(-len(stream) // body)
+    packed = np.full((rows, seq_len), pad_id, dtype=np.int64)
+    packed[:, 0] = cls_id
+    full = len(stream) // body
+    packed[:full, 1:-1] = stream[: full * body].reshape(full, body)  # (full, seq_len - 2)
+    packed[:full, -1] = sep_id
+    rest = stream[full * body:]
+    if len(rest):  # the chunk's last row, the only one that is padded
+        packed[full, 1:1 + len(rest)] = rest
+        packed[full, 1 + len(rest)] = sep_id
+    return packed
+
+
+def mask_sequences(input_ids, dup, rng, is_special, mask_id, random_ids, mask_prob, max_predictions):
+    """Static masking as BERT: per row choose round(mask_prob * maskable tokens) positions (at most
+    max_predictions, never a special or padding token); of those 80% -> [MASK], 10% -> a random token,
+    10% unchanged. Does it `dup` times independently. Returns (positions, tokens), both (dup, rows, P)."""
+    rows, seq_len = input_ids.shape
+    maskable = ~is_special[input_ids]  # (rows, seq_len)
+    maskable[:, 0] = False  # [CLS] in real rows; never masked, so position 0 can mark an unused slot
+    n_maskable = maskable.sum(axis=1)
+    n_predict = np.minimum(np.floor(mask_prob * n_maskable + 0.5), max_predictions).astype(np.int64)
+    n_predict[(n_predict == 0) & (n_maskable > 0)] = 1
+
+    # A random key per token; the lowest keys among the maskable tokens are the chosen positions.
+    keys = rng.random((dup, rows, seq_len), dtype=np.float32)
+    keys[:, ~maskable] = 2.0  # above any random key: never chosen while a maskable token is left
+    lowest = np.argpartition(keys, max_predictions - 1, axis=-1)[..., :max_predictions]  # unordered
+    lowest = np.take_along_axis(lowest, np.argsort(np.take_along_axis(keys, lowest, -1), -1), -1)
+    used = np.arange(max_predictions) < n_predict[None, :, None]  # (1, rows, P), broadcast over dup
+    used = np.broadcast_to(used, lowest.shape)
+    positions = np.sort(np.where(used, lowest, seq_len), axis=-1)  # ascending, unused slots last
+    positions[positions == seq_len] = 0
+
+    original = np.take_along_axis(np.broadcast_to(input_ids, (dup, rows, seq_len)), positions, -1)
+    action = rng.random(positions.shape, dtype=np.float32)
+    random_tokens = random_ids[rng.integers(0, len(random_ids), positions.shape)]
+    tokens = np.where(action < 0.8, mask_id, np.where(action < 0.9, random_tokens, original))
+    tokens[positions == 0] = 0
+    return positions, tokens
+
+
+# -----------------------------------------------------------------------------
+# Workers: one chunk of documents in, the arrays of its rows out.
+
+WORKER = {}  # the tokenizer and settings of this worker process
+
+
+def init_worker(tokenizer_json, settings):
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the pool is the parallelism
+    if mp_current_process().name != "MainProcess":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    is_special = np.zeros(tokenizer.get_vocab_size(), dtype=bool)
+    for token in tokenizer.get_added_tokens_decoder().values():
+        if token.special:
+            is_special[tokenizer.token_to_id(token.content)] = True
+    for key in ("cls", "sep", "mask", "pad", "unk"):
+        if settings["special_token_ids"][key] is not None:
+            is_special[settings["special_token_ids"][key]] = True
+    WORKER.update(tokenizer=tokenizer, is_special=is_special, random_ids=np.flatnonzero(~is_special), **settings)
+
+
+def process_chunk(split, chunk_index, documents):
+    w = WORKER
+    ids = w["special_token_ids"]
+    encodings = w["tokenizer"].encode_batch_fast(documents, add_special_tokens=False)
+    input_ids = pack_sequences([e.ids for e in encodings], w["seq_len"], ids["cls"], ids["sep"], ids["pad"])
+    dup = w["dup_factor"] if split == "train" else 1
+    rng = np.random.default_rng([w["seed"], SPLIT_IDS[split], chunk_index])
+    positions, tokens = mask_sequences(input_ids, dup, rng, w["is_special"], ids["mask"], w["random_ids"],
+                                       w["mask_prob"], w["max_predictions"])
+    id_dtype = np.uint16 if w["vocab_size"] <= 65536 else np.uint32
+    position_dtype = np.uint8 if w["seq_len"] <= 256 else np.uint16
+    return {
+        "split": split,
+        "chars": sum(len(d) for d in documents),
+        "input_ids": input_ids.astype(id_dtype),
+        "mask_positions": positions.astype(position_dtype),
+        "mask_tokens": tokens.astype(id_dtype),
+        "stats": {
+            "documents": len(documents),
+            "tokens": sum(len(e.ids) for e in encodings),
+            "padding_tokens": int((input_ids == ids["pad"]).sum()),
+            "maskable_tokens": int((~w["is_special"][input_ids]).sum()) * dup,
+            "masked_tokens": int((positions != 0).sum()),
+        },
+    }
+
+
+def chunk_tasks(documents, cfg, counts):
+    """Assign each document to train or val, and group each split's documents into chunks of about
+    CHUNK_CHARS characters: (split, chunk index, documents). Decided here, in order, never by workers."""
+    pending = {"train": [], "val": []}
+    pending_chars = {"train": 0, "val": 0}
+    next_chunk = {"train": 0, "val": 0}
+    draws = None
+    for doc_index, doc in enumerate(documents):
+        if doc_index % 65536 == 0:  # one random draw per document, in blocks, reproducible by index
+            draws = np.random.default_rng([cfg.seed, 99, doc_index // 65536]).random(65536)
+        is_val = draws[doc_index % 65536] < cfg.val_fraction and counts["val_docs"] < cfg.max_val_docs
+        split = "val" if is_val else "train"
+        counts["val_docs"] += is_val
+        pending[split].append(doc)
+        pending_chars[split] += len(doc)
+        if pending_chars[split] >= CHUNK_CHARS:
+            yield split, next_chunk[split], pending[split]
+            next_chunk[split] += 1
+            pending[split], pending_chars[split] = [], 0
+    for split in ("train", "val"):
+        if pending[split]:
+            yield split, next_chunk[split], pending[split]
+
+
+def run_chunks(tasks, workers, tokenizer_json, settings):
+    """Yields each chunk's result in task order; at most 2 tasks per worker are in flight."""
+    if workers == 1:
+        init_worker(tokenizer_json, settings)
+        for task in tasks:
+            yield process_chunk(*task)
+        return
+    with ProcessPoolExecutor(workers, initializer=init_worker, initargs=(tokenizer_json, settings)) as pool:
+        in_flight = deque()
+        for task in tasks:
+            in_flight.append(pool.submit(process_chunk, *task))
+            if len(in_flight) >= 2 * workers:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+
+
+# -----------------------------------------------------------------------------
+# Writing shards
+
+ARRAY_ROLES = {
+    "input_ids": "(rows, seq_len) unmasked token ids: [CLS] text [SEP] ... [PAD]; [SEP] also between documents",
+    "mask_positions": "(dup, rows, max_predictions) positions masked in duplicate d, ascending; 0 marks an unused slot",
+    "mask_tokens": "(dup, rows, max_predictions) the id the model sees at each position: [MASK], random or original",
+}
+
+
+class ShardWriter:
+    """Collects one split's chunk results and writes them as numbered shards of about shard_size rows."""
+
+    def __init__(self, folder, split, shard_size):
+        self.folder, self.split, self.shard_size = folder, split, shard_size
+        self.buffer = []
+        self.shards = []
+        self.stats = {"documents": 0, "tokens": 0, "sequences": 0, "padding_tokens": 0,
+                      "maskable_tokens": 0, "masked_tokens": 0}
+
+    def add(self, result):
+        self.buffer.append(result)
+        for key, value in result["stats"].items():
+            self.stats[key] += value
+        self.stats["sequences"] += len(result["input_ids"])
+        if sum(len(r["input_ids"]) for r in self.buffer) >= self.shard_size:
+            self.flush()
+
+    def flush(self):
+        if not self.buffer:
+            return
+        shard = {"sequences": sum(len(r["input_ids"]) for r in self.buffer)}
+        for name, axis in (("input_ids", 0), ("mask_positions", 1), ("mask_tokens", 1)):
+            array = np.concatenate([r[name] for r in self.buffer], axis=axis)
+            file = f"{self.split}-{len(self.shards):05d}-{name}.npy"
+            np.save(os.path.join(self.folder, file), array)
+            shard[name] = {"file": file, "shape": list(array.shape), "dtype": str(array.dtype)}
+        self.shards.append(shard)
+        self.buffer = []
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+def check_config(cfg):
+    if cfg.seq_len < 8:
+        raise UserError(f"--seq-len {cfg.seq_len} is too short; use at least 8 (24hBERT uses 128)")
+    if not 1 <= cfg.max_predictions <= cfg.seq_len - 2:
+        raise UserError(f"--max-predictions must be between 1 and seq_len - 2 = {cfg.seq_len - 2}")
+    if cfg.seq_len > 65535:
+        raise UserError("--seq-len must be below 65536")
+    if cfg.dup_factor < 1 or cfg.shard_size < 1 or cfg.vocab_size < 100:
+        raise UserError("--dup-factor and --shard-size must be at least 1, --vocab-size at least 100")
+    if not 0 < cfg.mask_prob < 1 or not 0 <= cfg.val_fraction < 1:
+        raise UserError("--mask-prob must lie in (0, 1) and --val-fraction in [0, 1)")
+    if cfg.doc_sep not in ("line", "blank"):
+        raise UserError("--doc-sep must be 'line' or 'blank'")
+    if cfg.tokenizer and cfg.train_tokenizer:
+        raise UserError("give either --tokenizer or --train-tokenizer, not both")
+
+
+def output_settings(cfg, sources):
+    """Everything that changes the arrays; a finished folder made with other settings is refused."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers", "dataset", "input", "demo")}
+    settings["tokenizer"] = cfg.tokenizer or ("" if cfg.train_tokenizer else DEFAULT_TOKENIZER)
+    if not cfg.train_tokenizer:
+        settings.pop("vocab_size")
+    settings["sources"] = sources
+    return settings
+
+
+def check_output_folder(out, settings):
+    """Returns True when `out` already holds this exact data. Raises for anything else in the way."""
+    meta_path = os.path.join(out, "meta.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f).get("settings", {})
+        if old == settings:
+            return True
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        raise UserError(f"{out} holds data made with other settings ({', '.join(changed)} differ); "
+                        f"choose another --out or delete it")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UserError(f"{out} exists and is not a prepare_data.py output folder; choose another --out")
+    return False
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def prepare(cfg):
+    start = time.time()
+    check_config(cfg)
+    sources = describe_sources(cfg)
+    settings = output_settings(cfg, sources)
+    out = cfg.out.rstrip("/") or "."
+    if check_output_folder(out, settings):
+        print(f"{out} is already complete with these settings; nothing to do")
+        return
+    partial = out + ".partial"  # never taken for data: train_bert.py needs meta.json in --data
+    if os.path.exists(partial):
+        print(f"removing {partial}, left unfinished by an earlier run", file=sys.stderr)
+        shutil.rmtree(partial)
+    os.makedirs(partial)
+    try:
+        summary = write_dataset(cfg, sources, settings, partial)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty, checked above
+        os.rename(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    seconds = time.time() - start
+    train, val = summary["splits"]["train"], summary["splits"]["val"]
+    print(f"done in {seconds:.1f} s: {train['documents'] + val['documents']:,} documents, "
+          f"{train['tokens'] + val['tokens']:,} tokens ({(train['tokens'] + val['tokens']) / seconds:,.0f}/s), "
+          f"{train['sequences']:,} train + {val['sequences']:,} val sequences x {cfg.dup_factor} maskings, "
+          f"padding {100 * train['padding_tokens'] / max(1, train['sequences'] * cfg.seq_len):.2f}%, "
+          f"masked {100 * train['masked_tokens'] / max(1, train['maskable_tokens']):.2f}% of maskable tokens, "
+          f"{summary['bytes_on_disk'] / 2**20:,.1f} MiB on disk "
+          f"({summary['bytes_per_sequence_per_duplicate']:.1f} bytes per sequence per masking) -> {out}")
+
+
+def write_dataset(cfg, sources, settings, folder):
+    from tqdm import tqdm
+
+    if cfg.train_tokenizer:
+        print("training a WordPiece vocabulary on the corpus", file=sys.stderr)
+        tokenizer = train_tokenizer(iter_documents(sources, cfg), cfg.vocab_size)
+        tokenizer_name = "the trained tokenizer"
+    else:
+        tokenizer_name = cfg.tokenizer or DEFAULT_TOKENIZER
+        tokenizer = load_tokenizer(tokenizer_name)
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    special_ids = special_token_ids(tokenizer, tokenizer_name)
+    tokenizer_path = os.path.join(folder, "tokenizer.json")
+    tokenizer.save(tokenizer_path)
+    worker_settings = {"seq_len": cfg.seq_len, "dup_factor": cfg.dup_factor, "mask_prob": cfg.mask_prob,
+                       "max_predictions": cfg.max_predictions, "seed": cfg.seed,
+                       "vocab_size": tokenizer.get_vocab_size(), "special_token_ids": special_ids}
+
+    writers = {split: ShardWriter(folder, split, cfg.shard_size) for split in ("train", "val")}
+    total_bytes = sum(s.get("bytes", 0) for s in sources) or None  # unknown for hub and demo sources
+    workers = cfg.workers or len(os.sched_getaffinity(0))
+    counts = {"val_docs": 0}
+    tasks = chunk_tasks(iter_documents(sources, cfg), cfg, counts)
+    start, tokens = time.time(), 0
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, mininterval=1,
+              desc=f"tokenizing and masking ({workers} workers)", file=sys.stderr) as progress:
+        for result in run_chunks(tasks, workers, tokenizer.to_str(), worker_settings):
+            writers[result["split"]].add(result)
+            tokens += result["stats"]["tokens"]
+            progress.update(result["chars"])
+            progress.set_postfix_str(f"{tokens / (time.time() - start) / 1e6:.2f}M tokens/s", refresh=False)
+    for writer in writers.values():
+        writer.flush()
+    if writers["train"].stats["sequences"] == 0:
+        raise UserError("the corpus is empty: no training text was found in the sources")
+
+    bytes_on_disk = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    train_bytes = sum(os.path.getsize(os.path.join(folder, shard[name]["file"]))
+                      for shard in writers["train"].shards for name in ARRAY_ROLES)
+    bytes_per_sequence = train_bytes / writers["train"].stats["sequences"]
+    meta = {
+        "format": "bert-mlm-static-masking",
+        "format_version": FORMAT_VERSION,
+        "seq_len": cfg.seq_len,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "tokenizer_file": "tokenizer.json",
+        "tokenizer_sha256": file_sha256(tokenizer_path),
+        "special_token_ids": special_ids,
+        "dup_factor": cfg.dup_factor,
+        "mask_prob": cfg.mask_prob,
+        "mask_token_fraction": 0.8,
+        "random_token_fraction": 0.1,
+        "max_predictions": cfg.max_predictions,
+        "seed": cfg.seed,
+        "packing": "documents joined by [SEP] and cut into rows of seq_len - 2 tokens; rows cross documents",
+        "sources": sources,
+        "arrays": ARRAY_ROLES,
+        "splits": {split: {**w.stats, "duplicates": cfg.dup_factor if split == "train" else 1, "shards": w.shards}
+                   for split, w in writers.items()},
+        "bytes_on_disk": bytes_on_disk,
+        "bytes_per_train_sequence": round(bytes_per_sequence, 2),
+        "bytes_per_sequence_per_duplicate": round(bytes_per_sequence / cfg.dup_factor, 2),
+        "settings": settings,
+    }
+    with open(os.path.join(folder, "meta.json"), "w") as f:  # written last: it marks the data complete
+        json.dump(meta, f, indent=1)
+    for name in os.listdir(folder):  # on disk before the folder is renamed into place
+        with open(os.path.join(folder, name), "rb") as f:
+            os.fsync(f.fileno())
+    return meta
+
+
+def parse_args(argv=None):
+    d = PrepareConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=d.out, help="output folder (written as OUT.partial, renamed when complete)")
+    p.add_argument("--dataset", action="append", default=[], metavar="NAME[:CONFIG]",
+                   help=f"a Hugging Face dataset, repeatable; default {' + '.join(DEFAULT_DATASETS)}")
+    p.add_argument("--input", action="append", default=[], metavar="PATH",
+                   help="a local file, folder or glob, repeatable: plain text, .jsonl or .parquet")
+    p.add_argument("--demo", action="store_true", help="the offline demo corpus: this Python's standard-library docstrings")
+    p.add_argument("--text-column", default=d.text_column, help="text field of .jsonl/.parquet files and hub datasets")
+    p.add_argument("--doc-sep", default=d.doc_sep, choices=["line", "blank"],
+                   help="plain text: one document per line, or documents separated by blank lines")
+    p.add_argument("--tokenizer", default=d.tokenizer, help=f"tokenizer.json, BERT vocab.txt or hub name (default {DEFAULT_TOKENIZER})")
+    p.add_argument("--train-tokenizer", action="store_true", help="train a lower-cased WordPiece vocabulary on the corpus")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="with --train-tokenizer")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--dup-factor", type=int, default=d.dup_factor, help="different maskings of every training sequence")
+    p.add_argument("--mask-prob", type=float, default=d.mask_prob)
+    p.add_argument("--max-predictions", type=int, default=d.max_predictions, help="masked tokens per sequence at most")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="documents held out for validation")
+    p.add_argument("--max-val-docs", type=int, default=d.max_val_docs, help="cap on validation documents")
+    p.add_argument("--shard-size", type=int, default=d.shard_size, help="rows per shard file")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--workers", type=int, default=d.workers, help="processes; 0 = all cores")
+    return PrepareConfig(**vars(p.parse_args(argv)))
+
+
+def interrupt(signum, frame):
+    """SIGTERM ends the run like Ctrl-C: the unfinished folder is removed, nothing half-written stays."""
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        prepare(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was kept, run the same command again to start over", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:
+        if e.errno in (28, 122):  # ENOSPC, EDQUOT
+            print(f"error: the disk is full ({e.filename}); free space and run the same command again", file=sys.stderr)
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

