@@ -355,19 +355,19 @@ def process_chunk(split, chunk_index, documents):
     }
 
 
-def chunk_tasks(documents, cfg, counts):
+def chunk_tasks(documents, cfg):
     """Assign each document to train or val, and group each split's documents into chunks of about
     CHUNK_CHARS characters: (split, chunk index, documents). Decided here, in order, never by workers."""
     pending = {"train": [], "val": []}
     pending_chars = {"train": 0, "val": 0}
     next_chunk = {"train": 0, "val": 0}
-    draws = None
+    draws, val_docs = None, 0
     for doc_index, doc in enumerate(documents):
         if doc_index % 65536 == 0:  # one random draw per document, in blocks, reproducible by index
             draws = np.random.default_rng([cfg.seed, 99, doc_index // 65536]).random(65536)
-        is_val = draws[doc_index % 65536] < cfg.val_fraction and counts["val_docs"] < cfg.max_val_docs
+        is_val = draws[doc_index % 65536] < cfg.val_fraction and val_docs < cfg.max_val_docs
         split = "val" if is_val else "train"
-        counts["val_docs"] += is_val
+        val_docs += is_val
         pending[split].append(doc)
         pending_chars[split] += len(doc)
         if pending_chars[split] >= CHUNK_CHARS:
@@ -543,8 +543,7 @@ def write_dataset(cfg, sources, settings, folder):
     writers = {split: ShardWriter(folder, split, cfg.shard_size) for split in ("train", "val")}
     total_bytes = sum(s.get("bytes", 0) for s in sources) or None  # unknown for hub and demo sources
     workers = cfg.workers or len(os.sched_getaffinity(0))
-    counts = {"val_docs": 0}
-    tasks = chunk_tasks(iter_documents(sources, cfg), cfg, counts)
+    tasks = chunk_tasks(iter_documents(sources, cfg), cfg)
     start, tokens = time.time(), 0
     with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, mininterval=1,
               desc=f"tokenizing and masking ({workers} workers)", file=sys.stderr) as progress:

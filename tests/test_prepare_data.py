@@ -319,3 +319,21 @@ def test_interrupted_run_leaves_nothing_and_reruns_cleanly(tmp_path, minilm_dir,
     assert result.returncode == 0 and "removing" in result.stderr
     assert os.path.isfile(out / "meta.json") and not os.path.exists(str(out) + ".partial")
     load_split(out, "train")
+
+
+def test_full_disk_gets_a_clear_error_and_leaves_nothing(tmp_path, minilm_dir, monkeypatch, capsys):
+    text = tmp_path / "ok.txt"
+    text.write_text("\n".join(DOCS) + "\n")
+    out = tmp_path / "out"
+
+    def full_disk(path, array, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(prepare_data.np, "save", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_data.main(["--input", str(text), "--tokenizer", os.path.join(minilm_dir, "vocab.txt"),
+                           "--workers", "1", "--out", str(out)])
+    assert exit_info.value.code != 0
+    error = capsys.readouterr().err
+    assert "disk is full" in error and "Traceback" not in error
+    assert not os.path.exists(out) and not os.path.exists(str(out) + ".partial")
