@@ -614,7 +614,8 @@ def parse_args(argv=None):
     p.add_argument("--max-predictions", type=int, default=d.max_predictions, help="masked tokens per sequence at most")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="documents held out for validation")
     p.add_argument("--max-val-docs", type=int, default=d.max_val_docs, help="cap on validation documents")
-    p.add_argument("--shard-size", type=int, default=d.shard_size, help="rows per shard file")
+    p.add_argument("--shard-size", type=int, default=d.shard_size,
+                   help="rows per shard file, at least: a shard closes after the chunk of text that fills it")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=d.workers, help="processes; 0 = all cores")
     return PrepareConfig(**vars(p.parse_args(argv)))
