@@ -337,3 +337,29 @@ def test_full_disk_gets_a_clear_error_and_leaves_nothing(tmp_path, minilm_dir, m
     error = capsys.readouterr().err
     assert "disk is full" in error and "Traceback" not in error
     assert not os.path.exists(out) and not os.path.exists(str(out) + ".partial")
+
+
+def test_hub_datasets_are_streamed_by_name_and_config(tmp_path, minilm_dir, monkeypatch, capsys):
+    """No hub here: datasets.load_dataset is replaced by a stand-in that records how it was called."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, streaming=False):
+        calls.append((path, name, split, streaming))
+        return iter([{"text": d, "title": "t"} for d in DOCS[:60]] if path == "wiki/en" else [{"body": "x"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    vocab = os.path.join(minilm_dir, "vocab.txt")
+    prepare_data.main(["--dataset", "wiki/en:20231101.en", "--tokenizer", vocab, "--seq-len", "32",
+                       "--workers", "1", "--out", str(tmp_path / "hub")])
+    assert calls == [("wiki/en", "20231101.en", "train", True)]
+    meta = json.load(open(tmp_path / "hub" / "meta.json"))
+    assert meta["sources"] == [{"kind": "hub", "name": "wiki/en:20231101.en"}]
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 60
+    with pytest.raises(SystemExit):
+        prepare_data.main(["--dataset", "other", "--tokenizer", vocab, "--workers", "1", "--out", str(tmp_path / "bad")])
+    assert "dataset other has no column 'text'; set --text-column" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "bad")
+    assert prepare_data.describe_sources(prepare_data.PrepareConfig()) == [
+        {"kind": "hub", "name": name} for name in prepare_data.DEFAULT_DATASETS]
