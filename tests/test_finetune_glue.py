@@ -390,25 +390,26 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, tiny_checkpoint, s
     out = tmp_path / "out"
     command = [sys.executable, os.path.join(REPO, "finetune_glue.py"), "--checkpoint", tiny_checkpoint,
                "--glue-dir", small_glue, "--out", str(out), "--task", "cola", "--lr", "1e-4", "--batch", "32",
-               "--epochs", "1", "--seeds", "20", "--max-train-examples", "128"]
+               "--epochs", "1", "--seeds", "40", "--max-train-examples", "128"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     results_path = out / "results.json"
     deadline = time.time() + 300
     while not results_path.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
+        time.sleep(0.01)
+    assert process.poll() is None, "the sweep ended before it could be interrupted: " + process.stderr.read()
     process.send_signal(signal.SIGINT)  # Ctrl-C, in the middle of the second run or later
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 1, stderr
+    assert process.returncode == 1, f"stdout:\n{stdout}\nstderr:\n{stderr}"
     assert stderr.strip().splitlines() == [f"finetune_glue.py: error: interrupted; the finished runs are in "
                                            f"{results_path}; run the same command to go on."]
     finished = json.loads(results_path.read_text())["runs"]
-    assert 1 <= len(finished) < 20 and [r["seed"] for r in finished] == list(range(len(finished)))
+    assert 1 <= len(finished) < 40 and [r["seed"] for r in finished] == list(range(len(finished)))
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert f"cola: {len(finished)} of 20 runs already recorded, {20 - len(finished)} to go" in result.stdout
+    assert f"cola: {len(finished)} of 40 runs already recorded, {40 - len(finished)} to go" in result.stdout
     runs = json.loads(results_path.read_text())["runs"]
     assert runs[:len(finished)] == finished  # the recorded runs are kept as they were, not redone
-    assert sorted(r["seed"] for r in runs) == list(range(20))
+    assert sorted(r["seed"] for r in runs) == list(range(40))
     assert len((out / "submission" / "CoLA.tsv").read_text().splitlines()) == 1064
 
 
