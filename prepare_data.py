@@ -6,8 +6,12 @@ Turn raw text into pre-masked, memory-mapped arrays for BERT pretraining (the 24
     python prepare_data.py --demo --train-tokenizer --vocab-size 8192 --out data/demo   # offline
 
 Pipeline: read documents as a stream -> hold out validation documents -> cut the stream into
-chunks of about 512 KB of text -> in parallel, per chunk: tokenize, pack into fixed-length
-[CLS] ... [SEP] rows, mask each row `dup_factor` times -> write shards in chunk order.
+chunks of about 512 KB of text (a longer document into several, at whitespace) -> in parallel, per
+chunk: tokenize, pack into fixed-length [CLS] ... [SEP] rows, mask each row `dup_factor` times ->
+write shards in chunk order. Memory stays bounded whatever the corpus or the length of a document.
+
+Safety: OUT is written as OUT.partial and renamed when complete; OUT.lock keeps a second run off the
+same OUT; a rerun finds OUT complete, or says which setting or input file differs.
 
 Output folder (what train_bert.py reads; the contract is meta.json, not shared code):
     meta.json                       format, settings, special ids, counts, every array's file/shape/dtype
@@ -29,12 +33,15 @@ random generator seeded by (seed, split, chunk index), so --workers never change
 
 import argparse
 import ast
+import errno
+import fcntl
 import glob
 import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import sysconfig
 import time
@@ -82,24 +89,60 @@ class UserError(Exception):
 # -----------------------------------------------------------------------------
 # Sources: every reader yields documents (str) one at a time, so the corpus never sits in memory.
 
-def expand_inputs(patterns):
-    """Files, folders (searched recursively) and globs -> a sorted list of files."""
+def expand_inputs(patterns, out):
+    """Files, folders (searched recursively) and globs -> a sorted list of files. This run's own output
+    (OUT, OUT.partial, OUT.lock) is left out: a folder or glob around --out would otherwise match it."""
+    out = os.path.realpath(out)
+    own = (out + os.sep, out + ".partial" + os.sep, out + ".lock" + os.sep)
     files = []
     for pattern in patterns:
         if os.path.isdir(pattern):
-            found = [p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True) if os.path.isfile(p)]
+            found = files_under(pattern)
         elif os.path.isfile(pattern):
             found = [pattern]
         else:
             found = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
-        if not found:
+        kept, seen = [], set()
+        for path in sorted(found):
+            real_path = os.path.realpath(path)
+            if real_path not in seen and not (real_path + os.sep).startswith(own):  # once, even if linked twice
+                kept.append(path)
+                seen.add(real_path)
+        if not kept:
             raise UserError(f"input {pattern!r} matches no file; check the path")
-        files += sorted(found)
+        files += kept
     return [os.path.abspath(p) for p in files]
 
 
+def files_under(folder):
+    """Every file below `folder`, hidden ones left out (as glob does). Links to folders are followed,
+    but each real folder is entered once, so a link loop (a/up -> ..) ends instead of repeating files."""
+    seen, files = set(), []
+    for root, folders, names in os.walk(folder, followlinks=True):
+        if os.path.realpath(root) in seen:
+            folders[:] = []
+            continue
+        seen.add(os.path.realpath(root))
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        files += [os.path.join(root, name) for name in names
+                  if not name.startswith(".") and os.path.isfile(os.path.join(root, name))]
+    return files
+
+
+def first_bad_line(path):
+    """The number of the first line of `path` that is not UTF-8 (None if all are). Only called once decoding
+    has failed: a UTF-8 character never contains the byte of a newline, so lines can be checked one by one."""
+    with open(path, "rb") as f:
+        for line_number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return line_number
+    return None
+
+
 def read_text_file(path, doc_sep):
-    with open(path, encoding="utf-8") as f:  # text mode also turns CRLF into LF
+    with open(path, encoding="utf-8-sig") as f:  # text mode also turns CRLF into LF; -sig drops a BOM
         lines = []
         for line in f:
             line = line.strip()
@@ -116,37 +159,66 @@ def read_text_file(path, doc_sep):
 
 
 def read_jsonl_file(path, text_column):
-    with open(path, encoding="utf-8") as f:
+    """One JSON object per line. A null text is an empty document and is skipped, like an empty line."""
+    with open(path, encoding="utf-8-sig") as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                raise UserError(f"{path}:{line_number} is not valid JSON")
+                raise UserError(f"{path}:{line_number} is not valid JSON; a .jsonl file needs one JSON object per line")
             if not isinstance(row, dict) or text_column not in row:
                 raise UserError(f"{path}:{line_number} has no {text_column!r} field; set --text-column")
-            yield row[text_column]
+            text = row[text_column]
+            if text is not None and not isinstance(text, str):
+                raise UserError(f"{path}:{line_number} has {text_column!r}: {json.dumps(text)[:40]}, which is not a string; "
+                                f"fix that row or set --text-column")
+            if text and not text.isascii():
+                try:  # JSON can spell an unpaired surrogate (\ud800), which is not text and the tokenizer refuses
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise UserError(f"{path}:{line_number} has an unpaired surrogate escape in {text_column!r}; "
+                                    f"fix or drop that row")
+            yield text
 
 
 def read_parquet_file(path, text_column):
+    """The text column of a Parquet file, in batches. A null is an empty document and is skipped."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
-    if text_column not in parquet.schema_arrow.names:
-        raise UserError(f"{path} has no column {text_column!r}; set --text-column")
-    for batch in parquet.iter_batches(batch_size=1024, columns=[text_column]):
-        yield from batch.column(0).to_pylist()
+    try:
+        parquet = pq.ParquetFile(path)
+        if text_column not in parquet.schema_arrow.names:
+            raise UserError(f"{path} has no column {text_column!r}; set --text-column")
+        column_type = parquet.schema_arrow.field(text_column).type
+        if pa.types.is_dictionary(column_type):
+            column_type = column_type.value_type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+            raise UserError(f"{path} column {text_column!r} holds {column_type}, not strings; "
+                            f"set --text-column to a text column")
+        for batch in parquet.iter_batches(batch_size=1024, columns=[text_column]):
+            yield from batch.column(0).to_pylist()
+    except pa.ArrowException:  # not Parquet at all, or a damaged page
+        raise UserError(f"{path} is not a readable Parquet file; check it or leave it out")
 
 
 def read_hub_dataset(name, text_column):
+    """A Hugging Face dataset, streamed. A null text is an empty document and is skipped."""
     import datasets  # imported here: only hub sources need it
 
     path, _, config = name.partition(":")
     try:
         stream = datasets.load_dataset(path, config or None, split="train", streaming=True)
-        for row in stream:
-            yield row[text_column]
+        for row_number, row in enumerate(stream, 1):
+            text = row[text_column]
+            if text is not None and not isinstance(text, str):
+                raise UserError(f"dataset {name} row {row_number} has {text_column!r}: {repr(text)[:40]}, which is not "
+                                f"a string; set --text-column to a text column")
+            yield text
+    except UserError:
+        raise
     except KeyError:
         raise UserError(f"dataset {name} has no column {text_column!r}; set --text-column")
     except Exception as e:  # no network, unknown name, ...: the library's first line says which
@@ -174,13 +246,15 @@ def stdlib_docstrings():
 
 
 def describe_sources(cfg):
-    """What will be read, in order, as recorded in meta.json; also checks local paths up front."""
+    """What will be read, in order, as recorded in meta.json; also checks local paths up front. A file is
+    known by its size and modification time, so a rerun notices an input that changed since OUT was made."""
     if cfg.demo:
         return [{"kind": "python-stdlib-docstrings", "python": sys.version.split()[0]}]
     datasets = cfg.dataset or ([] if cfg.input else DEFAULT_DATASETS)
     sources = [{"kind": "hub", "name": name} for name in datasets]
-    for path in expand_inputs(cfg.input):
-        sources.append({"kind": "file", "path": path, "bytes": os.path.getsize(path)})
+    for path in expand_inputs(cfg.input, os.path.abspath(cfg.out)):
+        stat = os.stat(path)
+        sources.append({"kind": "file", "path": path, "bytes": stat.st_size, "modified_ns": stat.st_mtime_ns})
     return sources
 
 
@@ -198,10 +272,11 @@ def iter_documents(sources, cfg):
             docs = read_text_file(source["path"], cfg.doc_sep)
         try:
             for doc in docs:
-                if doc and not doc.isspace():
+                if doc and not doc.isspace():  # None (a null in .jsonl, Parquet or the hub) is skipped too
                     yield doc
-        except UnicodeDecodeError:
-            raise UserError(f"{source.get('path')} is not UTF-8 text")
+        except UnicodeDecodeError:  # only text and .jsonl files are decoded here; found line by line afterwards
+            path = source["path"]
+            raise UserError(f"{path}:{first_bad_line(path)} is not UTF-8 text; convert the file to UTF-8 or leave it out")
 
 
 # -----------------------------------------------------------------------------
@@ -216,8 +291,15 @@ def load_tokenizer(name):
             try:
                 return Tokenizer.from_file(name)
             except Exception:
-                raise UserError(f"{name} is not a tokenizers JSON file")
-        return BertWordPieceTokenizer(name, lowercase=True)._tokenizer  # a BERT vocab.txt
+                raise UserError(f"{name} is not a tokenizers JSON file; pass one saved by the tokenizers library, "
+                                f"or a BERT vocab.txt")
+        try:
+            return BertWordPieceTokenizer(name, lowercase=True)._tokenizer  # a BERT vocab.txt
+        except Exception as e:  # the library's message has no line number: find the line here
+            line_number = first_bad_line(name)
+            if line_number:
+                raise UserError(f"{name}:{line_number} is not UTF-8 text; a vocab.txt holds one UTF-8 token per line")
+            raise UserError(f"{name} is not a BERT vocab.txt ({e}); pass a vocab.txt or a tokenizer.json")
     if os.path.sep in name or name.endswith((".json", ".txt")):
         raise UserError(f"tokenizer file {name} does not exist")
     try:
@@ -249,17 +331,35 @@ def special_token_ids(tokenizer, name):
     return ids
 
 
+def special_token_mask(tokenizer, special_ids):
+    """(vocab,) bool: the tokens that are never masked nor drawn as a random replacement."""
+    is_special = np.zeros(tokenizer.get_vocab_size(), dtype=bool)
+    for token in tokenizer.get_added_tokens_decoder().values():
+        if token.special:
+            is_special[tokenizer.token_to_id(token.content)] = True
+    for token_id in special_ids.values():
+        if token_id is not None:
+            is_special[token_id] = True
+    return is_special
+
+
 # -----------------------------------------------------------------------------
 # Packing and masking: the heart of the data pipeline, both pure numpy functions.
 
-def pack_sequences(token_lists, seq_len, cls_id, sep_id, pad_id):
-    """Documents (lists of ids) -> (rows, seq_len) array of [CLS] stream... [SEP], [SEP] between documents."""
-    stream = []
-    for ids in token_lists:
+def pack_sequences(token_lists, seq_len, cls_id, sep_id, pad_id, continues_previous=None):
+    """Documents (lists of ids) -> (rows, seq_len) array of [CLS] stream... [SEP], [SEP] between documents.
+    continues_previous[i] marks a piece of a long document cut by split_long_document: it follows the
+    previous piece without a [SEP]."""
+    continues_previous = continues_previous or [False] * len(token_lists)
+    stream, new_document = [], True
+    for ids, continues in zip(token_lists, continues_previous):
+        new_document = new_document or not continues
         if ids:
+            if new_document and stream:
+                stream.append(sep_id)
             stream.extend(ids)
-            stream.append(sep_id)
-    stream = np.array(stream[:-1], dtype=np.int64)  # the last document needs no separator
+            new_document = False
+    stream = np.array(stream, dtype=np.int64)
     body = seq_len - 2
     rows = -(-len(stream) // body)
     packed = np.full((rows, seq_len), pad_id, dtype=np.int64)
@@ -318,21 +418,17 @@ def init_worker(tokenizer_json, settings):
     tokenizer = Tokenizer.from_str(tokenizer_json)
     tokenizer.no_truncation()
     tokenizer.no_padding()
-    is_special = np.zeros(tokenizer.get_vocab_size(), dtype=bool)
-    for token in tokenizer.get_added_tokens_decoder().values():
-        if token.special:
-            is_special[tokenizer.token_to_id(token.content)] = True
-    for key in ("cls", "sep", "mask", "pad", "unk"):
-        if settings["special_token_ids"][key] is not None:
-            is_special[settings["special_token_ids"][key]] = True
+    is_special = special_token_mask(tokenizer, settings["special_token_ids"])
     WORKER.update(tokenizer=tokenizer, is_special=is_special, random_ids=np.flatnonzero(~is_special), **settings)
 
 
-def process_chunk(split, chunk_index, documents):
+def process_chunk(split, chunk_index, texts, continues_previous):
+    """One chunk of documents (or pieces of long ones) -> packed rows, their maskings and counts."""
     w = WORKER
     ids = w["special_token_ids"]
-    encodings = w["tokenizer"].encode_batch_fast(documents, add_special_tokens=False)
-    input_ids = pack_sequences([e.ids for e in encodings], w["seq_len"], ids["cls"], ids["sep"], ids["pad"])
+    encodings = w["tokenizer"].encode_batch_fast(texts, add_special_tokens=False)
+    input_ids = pack_sequences([e.ids for e in encodings], w["seq_len"], ids["cls"], ids["sep"], ids["pad"],
+                               continues_previous)
     dup = w["dup_factor"] if split == "train" else 1
     rng = np.random.default_rng([w["seed"], SPLIT_IDS[split], chunk_index])
     positions, tokens = mask_sequences(input_ids, dup, rng, w["is_special"], ids["mask"], w["random_ids"],
@@ -341,12 +437,12 @@ def process_chunk(split, chunk_index, documents):
     position_dtype = np.uint8 if w["seq_len"] <= 256 else np.uint16
     return {
         "split": split,
-        "chars": sum(len(d) for d in documents),
+        "chars": sum(len(text) for text in texts),
         "input_ids": input_ids.astype(id_dtype),
         "mask_positions": positions.astype(position_dtype),
         "mask_tokens": tokens.astype(id_dtype),
         "stats": {
-            "documents": len(documents),
+            "documents": continues_previous.count(False),
             "tokens": sum(len(e.ids) for e in encodings),
             "padding_tokens": int((input_ids == ids["pad"]).sum()),
             "maskable_tokens": int((~w["is_special"][input_ids]).sum()) * dup,
@@ -355,10 +451,30 @@ def process_chunk(split, chunk_index, documents):
     }
 
 
+def split_long_document(doc, max_chars=CHUNK_CHARS):
+    """A document longer than max_chars -> pieces of at most max_chars characters, so that one huge
+    document never has to be tokenized, packed and masked at once. Each cut is at the last whitespace
+    before the limit, and the whitespace starts the next piece; a stretch with no whitespace at all is cut
+    hard. This assumes the tokenizer splits words at whitespace before anything else (BERT's WordPiece
+    does), so the pieces give the same tokens as the whole document. Shorter documents come back whole."""
+    start = 0
+    while len(doc) - start > max_chars:
+        end = start + max_chars
+        cut = max(doc.rfind(space, start + 1, end) for space in " \n\t")
+        if cut == -1:  # no whitespace at all: cut hard
+            cut = end
+        yield doc[start:cut]
+        start = cut
+    yield doc[start:]
+
+
 def chunk_tasks(documents, cfg):
     """Assign each document to train or val, and group each split's documents into chunks of about
-    CHUNK_CHARS characters: (split, chunk index, documents). Decided here, in order, never by workers."""
+    CHUNK_CHARS characters: (split, chunk index, texts, continues_previous). A document longer than a
+    chunk is cut into pieces that stay in its split; all but its first piece continue the previous one.
+    Decided here, in order, never by workers."""
     pending = {"train": [], "val": []}
+    pending_continues = {"train": [], "val": []}
     pending_chars = {"train": 0, "val": 0}
     next_chunk = {"train": 0, "val": 0}
     draws, val_docs = None, 0
@@ -368,15 +484,17 @@ def chunk_tasks(documents, cfg):
         is_val = draws[doc_index % 65536] < cfg.val_fraction and val_docs < cfg.max_val_docs
         split = "val" if is_val else "train"
         val_docs += is_val
-        pending[split].append(doc)
-        pending_chars[split] += len(doc)
-        if pending_chars[split] >= CHUNK_CHARS:
-            yield split, next_chunk[split], pending[split]
-            next_chunk[split] += 1
-            pending[split], pending_chars[split] = [], 0
+        for piece_index, piece in enumerate(split_long_document(doc)):
+            pending[split].append(piece)
+            pending_continues[split].append(piece_index > 0)
+            pending_chars[split] += len(piece)
+            if pending_chars[split] >= CHUNK_CHARS:
+                yield split, next_chunk[split], pending[split], pending_continues[split]
+                next_chunk[split] += 1
+                pending[split], pending_continues[split], pending_chars[split] = [], [], 0
     for split in ("train", "val"):
         if pending[split]:
-            yield split, next_chunk[split], pending[split]
+            yield split, next_chunk[split], pending[split], pending_continues[split]
 
 
 def run_chunks(tasks, workers, tokenizer_json, settings):
@@ -441,20 +559,36 @@ class ShardWriter:
 # The run
 
 def check_config(cfg):
-    if cfg.seq_len < 8:
-        raise UserError(f"--seq-len {cfg.seq_len} is too short; use at least 8 (24hBERT uses 128)")
-    if not 1 <= cfg.max_predictions <= cfg.seq_len - 2:
-        raise UserError(f"--max-predictions must be between 1 and seq_len - 2 = {cfg.seq_len - 2}")
-    if cfg.seq_len > 65535:
-        raise UserError("--seq-len must be below 65536")
-    if cfg.dup_factor < 1 or cfg.shard_size < 1 or cfg.vocab_size < 100:
-        raise UserError("--dup-factor and --shard-size must be at least 1, --vocab-size at least 100")
-    if not 0 < cfg.mask_prob < 1 or not 0 <= cfg.val_fraction < 1:
-        raise UserError("--mask-prob must lie in (0, 1) and --val-fraction in [0, 1)")
+    """Every flag is checked before any work starts; a bad value gets one line naming the flag and its range."""
+    integer_ranges = [  # (flag, lowest, highest): both allowed
+        ("seq_len", 8, 65535),  # positions are stored as uint16
+        ("max_predictions", 1, cfg.seq_len - 2),
+        ("vocab_size", 100, 2**24),  # ids are stored as uint32 above 65,536; 2**24 is far above any real vocabulary
+        ("dup_factor", 1, 100),  # masking memory grows with it; BERT and 24hBERT use 10
+        ("shard_size", 1, 2**20),  # a shard's rows are gathered in memory (about 1 KB each) before they are written
+        ("max_val_docs", 0, 2**63 - 1),
+        ("seed", 0, 2**63 - 1),
+        ("workers", 0, 256),  # 0 = all cores
+    ]
+    for name, lowest, highest in integer_ranges:
+        value = getattr(cfg, name)
+        if not lowest <= value <= highest:
+            upper = "2**63)" if highest == 2**63 - 1 else f"{highest}]"
+            raise UserError(f"--{name.replace('_', '-')} must be an integer in [{lowest}, {upper}, not {value}")
+    if not 0 < cfg.mask_prob < 1:  # also false for nan
+        raise UserError(f"--mask-prob must be a number in (0, 1), not {cfg.mask_prob}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise UserError(f"--val-fraction must be a number in [0, 1), not {cfg.val_fraction}")
+    if not cfg.text_column:
+        raise UserError("--text-column must name a field or column, not be empty")
+    if not cfg.out:
+        raise UserError("--out must name a folder, not be empty")
     if cfg.doc_sep not in ("line", "blank"):
         raise UserError("--doc-sep must be 'line' or 'blank'")
     if cfg.tokenizer and cfg.train_tokenizer:
         raise UserError("give either --tokenizer or --train-tokenizer, not both")
+    if cfg.demo and (cfg.input or cfg.dataset):
+        raise UserError("--demo is a corpus of its own; give either --demo or --input/--dataset, not both")
 
 
 def output_settings(cfg, sources):
@@ -471,16 +605,93 @@ def check_output_folder(out, settings):
     """Returns True when `out` already holds this exact data. Raises for anything else in the way."""
     meta_path = os.path.join(out, "meta.json")
     if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f).get("settings", {})
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except ValueError:  # not JSON, or not UTF-8
+            meta = None
+        if not isinstance(meta, dict) or not isinstance(meta.get("settings"), dict):
+            raise UserError(f"{meta_path} is damaged (not the JSON object prepare_data.py writes); "
+                            f"delete {out} or choose another --out")
+        old = meta["settings"]
         if old == settings:
             return True
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        raise UserError(f"{out} holds data made with other settings ({', '.join(changed)} differ); "
+        changed = changed_inputs(old.get("sources"), settings["sources"])
+        if changed:
+            raise UserError(f"input {changed[0]} changed since {out} was made (its size or modification time differ); "
+                            f"choose another --out or delete {out} to prepare it again")
+        differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        raise UserError(f"{out} holds data made with other settings ({', '.join(differ)} differ); "
                         f"choose another --out or delete it")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"{out} exists and is not a prepare_data.py output folder; choose another --out")
     return False
+
+
+def changed_inputs(old_sources, sources):
+    """The input files named in both lists whose size or modification time are no longer the same."""
+    old_files = {s.get("path"): s for s in old_sources or [] if isinstance(s, dict) and s.get("kind") == "file"}
+    return [s["path"] for s in sources if s["kind"] == "file" and s["path"] in old_files and old_files[s["path"]] != s]
+
+
+def lock_output(out):
+    """Takes an exclusive lock on OUT.lock, beside OUT (which does not exist until the end), so that one
+    run at a time writes OUT; a second run refuses at once. Returns the open lock file for unlock_output, or
+    None where OUT's folder is read-only: nothing can be written there, but a complete OUT can still be found.
+
+    The lock is flock(2), released by the kernel however the holder ends (a kill -9 leaves OUT.lock behind,
+    unlocked and harmless). On NFS, Linux emulates flock with byte-range locks that the server keeps (NFSv4,
+    or NFSv3 with lockd), so runs on two machines see each other; a mount with nolock or local_lock=flock
+    keeps locks on one machine. Where flock is not supported at all (Lustre without -o flock, for one), the
+    call fails and the run stops with one line."""
+    path = out + ".lock"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    while True:
+        try:
+            lock_file = open(path, "a+", encoding="utf-8", errors="replace")
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EROFS):
+                return None
+            raise
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "just starting"
+            lock_file.close()
+            raise UserError(f"another prepare_data.py ({holder}) is writing {out}; "
+                            f"wait for it to finish or choose another --out")
+        except OSError as e:
+            lock_file.close()
+            raise UserError(f"cannot lock {path} ({e.strerror}): its filesystem has no file locks; "
+                            f"choose an --out on another disk")
+        try:  # the holder before us may have removed the file between our open and our lock: lock the new one
+            if os.path.samestat(os.fstat(lock_file.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        lock_file.close()
+    lock_file.seek(0)
+    if lock_file.read(4) not in ("", "pid "):  # a file of the user's that happens to be called OUT.lock: keep it
+        lock_file.close()
+        raise UserError(f"{path} exists and is not a prepare_data.py lock file; choose another --out")
+    lock_file.truncate(0)
+    lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    lock_file.flush()
+    # Forked workers inherit the descriptor; if this process were killed, workers left waiting would keep
+    # the lock held. Each child closes its copy at once (closing a copy does not unlock the parent's).
+    os.register_at_fork(after_in_child=lock_file.close)
+    return lock_file
+
+
+def unlock_output(lock_file):
+    """Removes OUT.lock while still holding it, then closes it: a run that opened the old file meanwhile
+    finds, once it gets the lock, that the path names another file, and starts over (see lock_output)."""
+    try:
+        os.unlink(lock_file.name)
+    except FileNotFoundError:
+        pass
+    lock_file.close()
 
 
 def file_sha256(path):
@@ -491,25 +702,20 @@ def file_sha256(path):
 def prepare(cfg):
     start = time.time()
     check_config(cfg)
-    sources = describe_sources(cfg)
-    settings = output_settings(cfg, sources)
-    out = cfg.out.rstrip("/") or "."
-    if check_output_folder(out, settings):
-        print(f"{out} is already complete with these settings; nothing to do")
-        return
-    partial = out + ".partial"  # never taken for data: train_bert.py needs meta.json in --data
-    if os.path.exists(partial):
-        print(f"removing {partial}, left unfinished by an earlier run", file=sys.stderr)
-        shutil.rmtree(partial)
-    os.makedirs(partial)
+    out = os.path.abspath(cfg.out)  # also makes "." and "dir/" into names that OUT.partial can sit beside
+    lock_file = lock_output(out)
     try:
-        summary = write_dataset(cfg, sources, settings, partial)
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty, checked above
-        os.rename(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        sources = describe_sources(cfg)
+        settings = output_settings(cfg, sources)
+        if check_output_folder(out, settings):
+            print(f"{out} is already complete with these settings; nothing to do")
+            return
+        if lock_file is None:
+            raise UserError(f"cannot write in {os.path.dirname(out)} (read-only or not yours); choose another --out")
+        summary = write_output_folder(cfg, sources, settings, out)
+    finally:
+        if lock_file is not None:
+            unlock_output(lock_file)
     seconds = time.time() - start
     train, val = summary["splits"]["train"], summary["splits"]["val"]
     print(f"done in {seconds:.1f} s: {train['documents'] + val['documents']:,} documents, "
@@ -521,12 +727,32 @@ def prepare(cfg):
           f"({summary['bytes_per_sequence_per_duplicate']:.1f} bytes per sequence per masking) -> {out}")
 
 
+def write_output_folder(cfg, sources, settings, out):
+    """Writes everything into OUT.partial and renames it to OUT once complete; on any failure, including
+    Ctrl-C and a full disk, OUT.partial is removed. Returns meta.json's contents."""
+    partial = out + ".partial"  # never taken for data: train_bert.py needs meta.json in --data
+    if os.path.exists(partial):  # we hold the lock, so no other run is writing it
+        print(f"removing {partial}, left unfinished by an earlier run", file=sys.stderr)
+        shutil.rmtree(partial)
+    os.makedirs(partial)
+    try:
+        meta = write_dataset(cfg, sources, settings, partial)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty, checked above
+        os.rename(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return meta
+
+
 def write_dataset(cfg, sources, settings, folder):
     from tqdm import tqdm
 
     if cfg.train_tokenizer:
         print("training a WordPiece vocabulary on the corpus", file=sys.stderr)
-        tokenizer = train_tokenizer(iter_documents(sources, cfg), cfg.vocab_size)
+        pieces = (piece for doc in iter_documents(sources, cfg) for piece in split_long_document(doc))
+        tokenizer = train_tokenizer(pieces, cfg.vocab_size)
         tokenizer_name = "the trained tokenizer"
     else:
         tokenizer_name = cfg.tokenizer or DEFAULT_TOKENIZER
@@ -534,8 +760,11 @@ def write_dataset(cfg, sources, settings, folder):
     tokenizer.no_truncation()
     tokenizer.no_padding()
     special_ids = special_token_ids(tokenizer, tokenizer_name)
+    if special_token_mask(tokenizer, special_ids).all():
+        raise UserError(f"tokenizer {tokenizer_name} has only special tokens; use a BERT vocabulary")
     tokenizer_path = os.path.join(folder, "tokenizer.json")
-    tokenizer.save(tokenizer_path)
+    with open(tokenizer_path, "w", encoding="utf-8") as f:  # as tokenizer.save(), but a full disk raises OSError
+        f.write(tokenizer.to_str(pretty=True))
     worker_settings = {"seq_len": cfg.seq_len, "dup_factor": cfg.dup_factor, "mask_prob": cfg.mask_prob,
                        "max_predictions": cfg.max_predictions, "seed": cfg.seed,
                        "vocab_size": tokenizer.get_vocab_size(), "special_token_ids": special_ids}
@@ -554,6 +783,8 @@ def write_dataset(cfg, sources, settings, folder):
             progress.set_postfix_str(f"{tokens / (time.time() - start) / 1e6:.2f}M tokens/s", refresh=False)
     for writer in writers.values():
         writer.flush()
+    if writers["train"].stats["sequences"] == 0 and writers["val"].stats["sequences"] > 0:
+        raise UserError("every document went to the validation split; lower --val-fraction or --max-val-docs")
     if writers["train"].stats["sequences"] == 0:
         raise UserError("the corpus is empty: no training text was found in the sources")
 
@@ -618,7 +849,14 @@ def parse_args(argv=None):
                    help="rows per shard file, at least: a shard closes after the chunk of text that fills it")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=d.workers, help="processes; 0 = all cores")
+    p.error = usage_error
     return PrepareConfig(**vars(p.parse_args(argv)))
+
+
+def usage_error(message):
+    """argparse's complaints (an unknown flag, "--seed x"), as one line like every other error."""
+    print(f"error: {message}; see --help", file=sys.stderr)
+    sys.exit(2)
 
 
 def interrupt(signum, frame):
@@ -638,10 +876,19 @@ def main(argv=None):
         print("error: interrupted; nothing was kept, run the same command again to start over", file=sys.stderr)
         sys.exit(130)
     except OSError as e:
-        if e.errno in (28, 122):  # ENOSPC, EDQUOT
-            print(f"error: the disk is full ({e.filename}); free space and run the same command again", file=sys.stderr)
+        if is_disk_full(e):
+            where = e.filename or os.path.abspath(cfg.out) + ".partial"
+            print(f"error: the disk is full ({where}); free space and run the same command again", file=sys.stderr)
             sys.exit(1)
-        raise
+        if e.filename is None:
+            raise  # not about a path: a bug, so the traceback stays
+        print(f"error: {e.filename}: {e.strerror}; check the path and its permissions", file=sys.stderr)
+        sys.exit(2)
+
+
+def is_disk_full(error):
+    """ENOSPC or EDQUOT, or numpy's short write, which has no errno ("8192 requested and 0 written")."""
+    return error.errno in (errno.ENOSPC, errno.EDQUOT) or (error.errno is None and "requested and" in str(error))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """prepare_data.py on real WikiText-2 text and on small synthetic edge cases."""
+import errno
 import filecmp
 import json
 import os
@@ -363,3 +364,365 @@ def test_hub_datasets_are_streamed_by_name_and_config(tmp_path, minilm_dir, monk
     assert not os.path.exists(tmp_path / "bad")
     assert prepare_data.describe_sources(prepare_data.PrepareConfig()) == [
         {"kind": "hub", "name": name} for name in prepare_data.DEFAULT_DATASETS]
+
+
+# ----------------------------------------------------------------------------- hostile input: one line, nothing left
+
+PREPARE = os.path.join(REPO, "prepare_data.py")
+
+
+def main_error_lines(args, capsys):
+    """Runs prepare_data.main in this process (no traceback means no exception got out); returns its exit
+    status and the lines of its stderr that start with "error:"."""
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_data.main([str(a) for a in args])
+    return exit_info.value.code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+def assert_refused(code, lines, out, *words):
+    assert code == 2 and len(lines) == 1, (code, lines)
+    for word in words:
+        assert word in lines[0], lines[0]
+    for leftover in (out, str(out) + ".partial", str(out) + ".lock"):
+        assert not os.path.exists(leftover), f"{leftover} was left behind"
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--seed", "-1"], ["error: --seed must be an integer in [0, 2**63), not -1"]),
+    (["--seed", str(2**63)], ["--seed", "[0, 2**63)"]),
+    (["--workers", "-1"], ["--workers", "[0, 256]"]),
+    (["--workers", "100000"], ["--workers"]),
+    (["--vocab-size", "99"], ["--vocab-size", "[100, 16777216]"]),
+    (["--vocab-size", str(2**32)], ["--vocab-size"]),
+    (["--seq-len", "7"], ["--seq-len", "[8, 65535]"]),
+    (["--seq-len", "65536"], ["--seq-len"]),
+    (["--dup-factor", "0"], ["--dup-factor", "[1, 100]"]),
+    (["--dup-factor", "1000000"], ["--dup-factor"]),
+    (["--max-predictions", "0"], ["--max-predictions", "[1, 126]"]),
+    (["--max-predictions", "127"], ["--max-predictions"]),
+    (["--max-val-docs", "-1"], ["--max-val-docs"]),
+    (["--shard-size", "0"], ["--shard-size", "[1, 1048576]"]),
+    (["--shard-size", str(2**40)], ["--shard-size"]),
+    (["--mask-prob", "nan"], ["--mask-prob", "(0, 1)", "nan"]),
+    (["--mask-prob", "inf"], ["--mask-prob"]),
+    (["--mask-prob", "0"], ["--mask-prob"]),
+    (["--mask-prob", "1"], ["--mask-prob"]),
+    (["--val-fraction", "nan"], ["--val-fraction", "[0, 1)", "nan"]),
+    (["--val-fraction", "-inf"], ["--val-fraction"]),
+    (["--val-fraction", "1"], ["--val-fraction"]),
+    (["--text-column", ""], ["--text-column"]),
+    (["--seed", "1e3"], ["--seed", "invalid int"]),  # argparse's own complaints are one line too
+    (["--no-such-flag"], ["--no-such-flag"]),
+    (["--doc-sep", "para"], ["--doc-sep"]),
+    (["--demo"], ["--demo"]),
+])
+def test_every_number_and_flag_is_checked_before_any_work(flags, words, tmp_path, capsys):
+    text = tmp_path / "ok.txt"
+    text.write_text("\n".join(DOCS) + "\n")
+    out = tmp_path / "out"
+    code, lines = main_error_lines(["--input", text, "--tokenizer", tmp_path / "not-read.txt", *flags, "--out", out], capsys)
+    assert_refused(code, lines, out, *words)
+
+
+def write_vocab_with_a_bad_line(path, vocab):
+    tokens = open(vocab, encoding="utf-8").read().splitlines()
+    path.write_bytes("\n".join(tokens[:1000]).encode() + b"\ncaf\xe9\n" + "\n".join(tokens[1000:]).encode() + b"\n")
+
+
+def write_parquet(path, column):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": column}), path)
+
+
+BAD_FILES = [  # (what, file name, its bytes or a function that writes it, extra flags, words the error line has)
+    ("text not UTF-8", "latin1.txt", b"fine\nstill fine\ncaf\xe9 au lait\nmore\n", [], ["latin1.txt:3", "UTF-8"]),
+    ("jsonl not UTF-8", "rows.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', [], ["rows.jsonl:2", "UTF-8"]),
+    ("jsonl number", "rows.jsonl", b'{"text": "ok"}\n{"text": 3}\n', [], ["rows.jsonl:2", "'text': 3, which is not a string"]),
+    ("jsonl list", "rows.jsonl", b'{"text": "ok"}\n\n{"text": ["a", "b"]}\n', [], ["rows.jsonl:3", '["a", "b"]']),
+    ("jsonl dict", "rows.jsonl", b'{"text": {"en": "a"}}\n', [], ["rows.jsonl:1", '{"en": "a"}']),
+    ("jsonl bool", "rows.jsonl", b'{"text": "ok"}\n{"text": true}\n', [], ["rows.jsonl:2", "true"]),
+    ("jsonl surrogate", "rows.jsonl", b'{"text": "ok"}\n{"text": "a \\ud800 b"}\n', [], ["rows.jsonl:2", "surrogate"]),
+    ("json array", "rows.json", b'[{"text": "a"},\n {"text": "b"}]\n', [], ["rows.json:1", "one JSON object per line"]),
+    ("parquet garbage", "table.parquet", b"PAR1 these bytes are not a Parquet file", [], ["table.parquet", "Parquet"]),
+    ("parquet empty", "table.parquet", b"", [], ["table.parquet", "Parquet"]),
+    ("parquet numbers", "table.parquet", lambda path: write_parquet(path, [1, 2, 3]), [], ["table.parquet", "int64", "--text-column"]),
+    ("parquet bytes", "table.parquet", lambda path: write_parquet(path, [b"a", b"b"]), [], ["table.parquet", "binary"]),
+    ("vocab not UTF-8", "vocab.txt", None, ["--tokenizer", "{file}"], ["vocab.txt:1001", "UTF-8"]),
+    ("tokenizer.json broken", "tokenizer.json", b'{"version": "1.0", "model": ', ["--tokenizer", "{file}"],
+     ["tokenizer.json", "not a tokenizers JSON file"]),
+    ("vocab of specials only", "specials.txt", b"[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n", ["--tokenizer", "{file}"],
+     ["specials.txt", "only special tokens"]),
+]
+
+
+@pytest.mark.parametrize("what, name, content, flags, words", BAD_FILES, ids=[case[0] for case in BAD_FILES])
+def test_bad_files_get_one_error_line_naming_file_and_line(what, name, content, flags, words, tmp_path, minilm_dir, capsys):
+    vocab = os.path.join(minilm_dir, "vocab.txt")
+    good = tmp_path / "good.txt"
+    good.write_text("\n".join(DOCS) + "\n")
+    bad = tmp_path / name
+    if content is None:
+        write_vocab_with_a_bad_line(bad, vocab)
+    elif callable(content):
+        content(bad)
+    else:
+        bad.write_bytes(content)
+    flags = [f.format(file=bad) for f in flags]
+    inputs = ["--input", good] if "--tokenizer" in flags else ["--input", good, "--input", bad, "--tokenizer", vocab]
+    out = tmp_path / "out"
+    code, lines = main_error_lines([*inputs, *flags, "--workers", "1", "--out", out], capsys)
+    assert_refused(code, lines, out, *words)
+
+
+def test_nulls_are_empty_documents_in_jsonl_and_parquet(tmp_path, minilm_dir):
+    vocab = os.path.join(minilm_dir, "vocab.txt")
+    with_nulls = [d for doc in DOCS for d in (doc, None)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in with_nulls))
+    write_parquet(tmp_path / "table.parquet", with_nulls)
+    (tmp_path / "plain.txt").write_text("\n".join(DOCS) + "\n")
+    common = ["--tokenizer", vocab, "--seq-len", "32", "--dup-factor", "2", "--val-fraction", "0", "--workers", "1"]
+    for name in ("rows.jsonl", "table.parquet", "plain.txt"):
+        prepare_data.main(["--input", str(tmp_path / name), *common, "--out", str(tmp_path / f"o-{name}")])
+    reference = np.load(tmp_path / "o-plain.txt" / "train-00000-input_ids.npy")
+    for name in ("rows.jsonl", "table.parquet"):
+        assert np.array_equal(np.load(tmp_path / f"o-{name}" / "train-00000-input_ids.npy"), reference), name
+        assert json.load(open(tmp_path / f"o-{name}" / "meta.json"))["splits"]["train"]["documents"] == len(DOCS)
+
+
+def test_hub_row_that_is_not_text_gets_one_line(tmp_path, minilm_dir, monkeypatch, capsys):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: iter([{"text": "fine"}, {"text": None}, {"text": 7}]))
+    out = tmp_path / "out"
+    code, lines = main_error_lines(["--dataset", "some/set", "--tokenizer", os.path.join(minilm_dir, "vocab.txt"),
+                                    "--workers", "1", "--out", out], capsys)
+    assert_refused(code, lines, out, "dataset some/set row 3 has 'text': 7, which is not a string", "--text-column")
+
+
+def test_damaged_meta_json_in_out_gets_one_line_and_is_left_alone(tmp_path, minilm_dir, capsys):
+    text = tmp_path / "ok.txt"
+    text.write_text("\n".join(DOCS) + "\n")
+    for damage in (b"{not json", b"\xff\xfe", b"[1, 2]", b'{"settings": 3}'):
+        out = tmp_path / "out"
+        out.mkdir(exist_ok=True)
+        (out / "meta.json").write_bytes(damage)
+        code, lines = main_error_lines(["--input", text, "--tokenizer", os.path.join(minilm_dir, "vocab.txt"),
+                                        "--workers", "1", "--out", out], capsys)
+        assert code == 2 and len(lines) == 1 and "meta.json is damaged" in lines[0], (damage, lines)
+        assert os.listdir(out) == ["meta.json"] and (out / "meta.json").read_bytes() == damage
+        assert not os.path.exists(str(out) + ".partial") and not os.path.exists(str(out) + ".lock")
+
+
+def test_an_input_changed_since_out_was_made_is_noticed(tmp_path, minilm_dir, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(DOCS) + "\n")
+    out = tmp_path / "out"
+    args = ["--input", text, "--tokenizer", os.path.join(minilm_dir, "vocab.txt"), "--workers", "1", "--out", out]
+    prepare_data.main([str(a) for a in args])
+    meta_before = (out / "meta.json").read_bytes()
+    prepare_data.main([str(a) for a in args])
+    assert "nothing to do" in capsys.readouterr().out
+    # same size, other words, and (to be certain on coarse clocks) a later modification time
+    text.write_text("\n".join(DOCS).replace("quick", "QUICK") + "\n")
+    os.utime(text, ns=(time.time_ns(), os.stat(text).st_mtime_ns + 10**10))
+    code, lines = main_error_lines(args, capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert f"input {text} changed since {out} was made" in lines[0] and "delete" in lines[0] and "--out" in lines[0]
+    assert (out / "meta.json").read_bytes() == meta_before
+
+
+def test_a_read_only_out_is_still_found_complete(tmp_path, minilm_dir, monkeypatch, capsys):
+    """Where OUT.lock cannot be created (a read-only share of prepared data), a complete OUT is still found."""
+    text = tmp_path / "ok.txt"
+    text.write_text("\n".join(DOCS) + "\n")
+    args = ["--input", str(text), "--tokenizer", os.path.join(minilm_dir, "vocab.txt"), "--workers", "1"]
+    prepare_data.main([*args, "--out", str(tmp_path / "out")])
+
+    def read_only_open(path, mode="r", *rest, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return open(path, mode, *rest, **kwargs)
+
+    monkeypatch.setattr(prepare_data, "open", read_only_open, raising=False)
+    capsys.readouterr()
+    prepare_data.main([*args, "--out", str(tmp_path / "out")])
+    assert "nothing to do" in capsys.readouterr().out
+    code, lines = main_error_lines([*args, "--out", tmp_path / "new"], capsys)
+    assert_refused(code, lines, tmp_path / "new", f"cannot write in {tmp_path}", "--out")
+
+
+def test_one_writer_per_output_folder(tmp_path, minilm_dir, wikitext_raw):
+    out = tmp_path / "out"
+    args = ["--input", wikitext_raw, "--tokenizer", os.path.join(minilm_dir, "vocab.txt"), "--workers", "2"]
+    first = subprocess.Popen([sys.executable, PREPARE, *args, "--out", str(out)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.time() + 60
+        while not os.path.exists(str(out) + ".partial") and time.time() < deadline:
+            time.sleep(0.01)
+        os.kill(first.pid, signal.SIGSTOP)  # it holds the lock while the second run starts, however fast it is
+        second = run_script("prepare_data.py", *args, "--out", out, check=False)
+        lines = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert second.returncode == 2 and "Traceback" not in second.stderr and len(lines) == 1, second.stderr
+        assert lines[0].startswith(f"error: another prepare_data.py (pid {first.pid} on ")
+        assert f"is writing {out}; wait for it to finish or choose another --out" in lines[0]
+        assert os.path.isdir(str(out) + ".partial"), "the refused run removed the first run's OUT.partial"
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    assert not os.path.exists(str(out) + ".partial") and not os.path.exists(str(out) + ".lock")
+    # the first run's output is whole and is what a run alone makes
+    run_script("prepare_data.py", *args, "--out", tmp_path / "alone")
+    names = sorted(n for n in os.listdir(out) if n != "meta.json")
+    match, mismatch, errors = filecmp.cmpfiles(out, tmp_path / "alone", names, shallow=False)
+    assert len(match) == len(names) >= 7 and mismatch == errors == []
+
+
+def test_a_killed_run_leaves_no_lock_held(tmp_path, minilm_dir, wikitext_raw):
+    """kill -9 leaves the workers behind, waiting forever; they must not keep OUT.lock locked."""
+    out = tmp_path / "out"
+    args = [sys.executable, PREPARE, "--input", wikitext_raw, "--input", wikitext_raw, "--input", wikitext_raw,
+            "--tokenizer", os.path.join(minilm_dir, "vocab.txt"), "--workers", "2", "--out", str(out)]
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    children = f"/proc/{first.pid}/task/{first.pid}/children"
+    workers = []
+    try:
+        deadline = time.time() + 60
+        while len(workers) < 2 and time.time() < deadline:
+            if not os.path.exists(children):
+                pytest.skip("this kernel does not list a process's children in /proc")
+            workers = [int(pid) for pid in open(children).read().split()]
+            time.sleep(0.01)
+        first.kill()
+        first.wait()
+        assert os.path.exists(str(out) + ".lock")  # left behind, but no longer locked
+        result = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert result.returncode == 0 and "removing" in result.stderr, result.stderr
+        assert not os.path.exists(str(out) + ".lock")
+        load_split(out, "train")
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_full_disk_in_any_form_leaves_nothing(tmp_path, minilm_dir, monkeypatch, capsys):
+    """np.save's short write has no errno; ENOSPC and EDQUOT have one. A half-written shard is removed too."""
+    text = tmp_path / "ok.txt"
+    text.write_text("\n".join(DOCS) + "\n")
+    for error in (OSError("8192 requested and 0 written"), OSError(errno.ENOSPC, "No space left on device"),
+                  OSError(errno.EDQUOT, "Disk quota exceeded")):
+        def full_disk(path, array, *args, **kwargs):
+            open(path, "wb").write(b"\x93NUMPY half a header")
+            raise error
+
+        monkeypatch.setattr(prepare_data.np, "save", full_disk)
+        out = tmp_path / "out"
+        with pytest.raises(SystemExit) as exit_info:
+            prepare_data.main(["--input", str(text), "--tokenizer", os.path.join(minilm_dir, "vocab.txt"),
+                               "--workers", "1", "--out", str(out)])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert exit_info.value.code == 1 and len(lines) == 1 and "the disk is full" in lines[0], (error, lines)
+        for leftover in (out, str(out) + ".partial", str(out) + ".lock"):
+            assert not os.path.exists(leftover), leftover
+
+
+def test_output_inside_the_inputs_is_never_read_and_link_loops_end(tmp_path, minilm_dir, capsys):
+    common = ["--tokenizer", os.path.join(minilm_dir, "vocab.txt"), "--val-fraction", "0", "--workers", "1"]
+    # OUT, OUT.partial and OUT.lock sit inside the input folder or match the glob: none is read as input, so
+    # the rerun is a no-op. The link loop is followed once, so each file is read once.
+    for name, pattern in (("folder", ""), ("glob", "**")):
+        corpus = tmp_path / name
+        (corpus / "sub").mkdir(parents=True)
+        (corpus / "a.txt").write_text("\n".join(DOCS[:60]) + "\n")
+        (corpus / "sub" / "b.txt").write_text("\n".join(DOCS[60:]) + "\n")
+        os.symlink("..", corpus / "sub" / "up")  # a link loop: corpus/sub/up/sub/up/...
+        os.symlink("self", corpus / "self")  # a link to itself
+        for _ in range(2):
+            prepare_data.main(["--input", str(corpus / pattern), *common, "--out", str(corpus / "prepared")])
+        assert "nothing to do" in capsys.readouterr().out
+        meta = json.load(open(corpus / "prepared" / "meta.json"))
+        assert meta["splits"]["train"]["documents"] == len(DOCS)
+        assert [s["path"] for s in meta["sources"]] == [str(corpus / "a.txt"), str(corpus / "sub" / "b.txt")]
+
+
+def test_hostile_paths_get_one_line_and_touch_nothing(tmp_path, minilm_dir, capsys):
+    text = tmp_path / "ok.txt"
+    text.write_text("\n".join(DOCS) + "\n")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    (tmp_path / "mine.lock").write_text("a file of the user's")
+    (tmp_path / "hidden").mkdir()
+    (tmp_path / "hidden" / ".secret.txt").write_text("not read")
+    for flags, words in [
+        (["--input", text, "--out", a_file], ["notes.txt exists and is not a prepare_data.py output folder"]),
+        (["--input", text, "--out", a_file / "inside"], ["notes.txt"]),
+        (["--input", text, "--out", tmp_path / "mine"], ["mine.lock exists and is not a prepare_data.py lock file"]),
+        (["--input", tmp_path / "hidden", "--out", tmp_path / "o"], ["matches no file"]),
+        (["--input", "/dev/zero", "--out", tmp_path / "o"], ["matches no file"]),
+        (["--input", text, "--val-fraction", "0.999999", "--max-val-docs", "1000", "--out", tmp_path / "o"], ["validation split"]),
+    ]:
+        code, lines = main_error_lines(["--tokenizer", os.path.join(minilm_dir, "vocab.txt"), "--workers", "1", *flags], capsys)
+        assert code == 2 and len(lines) == 1, (flags, lines)
+        for word in words:
+            assert word in lines[0], lines[0]
+    assert a_file.read_text() == "mine" and (tmp_path / "mine.lock").read_text() == "a file of the user's"
+    assert sorted(os.listdir(tmp_path)) == ["hidden", "mine.lock", "notes.txt", "ok.txt"]
+
+
+# ----------------------------------------------------------------------------- long documents
+
+def test_split_long_document_and_pack_pieces():
+    split = prepare_data.split_long_document
+    assert list(split("aaaa bbbb cccc\ndddd", 7)) == ["aaaa", " bbbb", " cccc", "\ndddd"]
+    assert list(split("x" * 20, 7)) == ["x" * 7, "x" * 7, "x" * 6]  # no whitespace: cut hard
+    assert list(split("ab " + "x" * 10, 7)) == ["ab", " xxxxxx", "xxxx"]
+    assert list(split("short", 7)) == ["short"]
+    # pieces continue their document without a [SEP]; an empty piece still ends the previous document
+    packed = prepare_data.pack_sequences([[5, 6], [7], [], [8], [9]], 8, 2, 3, 0, [False, True, False, True, False])
+    assert packed.tolist() == [[2, 5, 6, 7, 3, 8, 3, 3], [2, 9, 3, 0, 0, 0, 0, 0]]
+
+
+def wikitext_as_one_line(wikitext_raw, chars):
+    lines = [line.strip() for line in open(wikitext_raw, encoding="utf-8") if line.strip()]
+    text = " ".join(lines)
+    return " ".join([text] * (chars // len(text) + 1))[:chars].rstrip()
+
+
+def test_a_long_document_is_cut_without_losing_or_changing_a_token(tmp_path, minilm_dir, wikitext_raw):
+    doc = wikitext_as_one_line(wikitext_raw, 2_600_000)  # 5 pieces of at most CHUNK_CHARS
+    (tmp_path / "long.txt").write_text(doc + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    run_script("prepare_data.py", "--input", tmp_path / "long.txt", "--tokenizer", os.path.join(minilm_dir, "vocab.txt"),
+               "--dup-factor", "1", "--val-fraction", "0", "--workers", "2", "--out", out)
+    meta, input_ids, _, _ = load_split(out, "train")
+    ids = meta["special_token_ids"]
+    assert meta["splits"]["train"]["documents"] == 1
+    assert ((input_ids == ids["sep"]).sum(axis=1) == 1).all(), "a [SEP] between the pieces of one document"
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    whole = tokenizer.encode(doc, add_special_tokens=False).ids
+    assert text_stream(input_ids, [ids["cls"], ids["sep"], ids["pad"]]).tolist() == whole
+
+
+def test_one_huge_document_keeps_memory_bounded(tmp_path, minilm_dir, wikitext_raw):
+    """A single 50 MB line once peaked at 5 GB; every process must now stay under 1 GB resident."""
+    huge = tmp_path / "huge.txt"
+    huge.write_text(wikitext_as_one_line(wikitext_raw, 50_000_000) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    # a fresh Python measures the run: ru_maxrss of RUSAGE_CHILDREN is its largest descendant's peak, in KiB
+    measure = ("import resource, subprocess, sys; run = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "sys.stderr.write(run.stderr); print(run.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    result = subprocess.run([sys.executable, "-c", measure, sys.executable, PREPARE, "--input", str(huge), "--tokenizer",
+                             os.path.join(minilm_dir, "vocab.txt"), "--workers", "2", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    code, peak_kib = map(int, result.stdout.split())
+    assert code == 0, result.stderr
+    assert peak_kib < 2**20, f"peak resident memory {peak_kib / 1024:.0f} MiB"
+    meta = json.load(open(out / "meta.json"))
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 1
+    assert meta["splits"]["train"]["tokens"] > 10_000_000
