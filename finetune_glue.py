@@ -621,7 +621,7 @@ def main(argv=None):
         fail(f"checkpoint {cfg.checkpoint} does not exist; pass a train_bert.py checkpoint or a Hugging Face BERT directory.")
     data = {task: read_task(cfg, task) for task in cfg.tasks}  # all first: a bad file stops us before hours of training
     try:
-        encoder, tokenizer, pooler_state = load_pretrained(cfg.checkpoint)
+        encoder, tokenizer, pooler_state, _ = load_pretrained(cfg.checkpoint)
     except ValueError as error:
         fail(str(error))
     encoding = tokenizer.encode("a", "b")  # GLUE's inputs are [CLS] a [SEP] b [SEP], segments 0 then 1

@@ -19,6 +19,7 @@ PROCESS_START_S = time.time()  # the --hours budget counts from here, before the
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import glob
 import hashlib
 import json
@@ -26,6 +27,7 @@ import math
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass, field, fields
@@ -106,7 +108,27 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)  # from --hidden-size etc., applied over the preset
 
 
-KEEP_CHECKPOINTS = 3  # older checkpoints are deleted
+TRAIN_FLAGS = [f.name for f in fields(TrainConfig) if f.name != "model_overrides"]
+
+
+# What each numeric flag accepts, as a test and in words. NaN fails every comparison, so it is refused too.
+FLAG_RANGES = {
+    "hours": (lambda v: 0 < v <= 10_000, "in (0, 10000]"),
+    "batch": (lambda v: 1 <= v <= 1 << 24, "an integer in [1, 16777216]"),
+    "micro_batch": (lambda v: 1 <= v <= 1 << 16, "an integer in [1, 65536]"),
+    "lr": (lambda v: 0 < v < math.inf, "positive and finite"),
+    "warmup": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    "constant": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    "max_steps": (lambda v: 0 <= v <= 1 << 40, "an integer >= 0 (0: schedule by time)"),
+    "seed": (lambda v: 0 <= v < 1 << 62, "an integer in [0, 2**62)"),
+    "checkpoint_minutes": (lambda v: 0 <= v < math.inf, "a number of minutes >= 0"),
+    "val_minutes": (lambda v: 0 <= v < math.inf, "a number of minutes >= 0"),
+    "log_every": (lambda v: 1 <= v <= 1 << 40, "an integer >= 1"),
+    "peak_tflops": (lambda v: 0 <= v < math.inf, ">= 0 and finite (0: look up the GPU)"),
+    "powersgd_rank": (lambda v: 1 <= v <= 1 << 16, "an integer in [1, 65536]"),
+    "bucket_mb": (lambda v: 0 < v <= 1 << 20, "in (0, 1048576]"),
+}
+KEEP_CHECKPOINTS = 3  # older checkpoints are deleted, never newer ones
 NONFINITE_STEPS_LIMIT = 10  # this many skipped steps in a row stop the run
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125, "V100": 125,
                "TITAN V": 110, "RTX 4090": 165, "RTX 3090": 71}  # dense bf16/fp16 tensor-core peaks
@@ -211,6 +233,28 @@ class BertForMLM(nn.Module):
         return F.linear(x, self.encoder.word_embeddings.weight, self.decoder_bias)
 
 
+def model_config_problem(config, spell=str):
+    """Why a BertConfig cannot work, in words, or None. spell(field) names a field as the user wrote it
+    (a flag, or a config.json key)."""
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions",
+                 "type_vocab_size"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 24:
+            return f"{spell(name)} must be an integer in [1, 16777216], not {value!r}"
+    if config.hidden_size % config.num_heads:
+        return f"{spell('hidden_size')} {config.hidden_size} is not divisible by {spell('num_heads')} {config.num_heads}"
+    for name in ("dropout", "attention_dropout"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            return f"{spell(name)} must be a probability in [0, 1), not {value!r}"
+    if isinstance(config.layer_norm_eps, bool) or not isinstance(config.layer_norm_eps, (int, float)) \
+            or not 0 < config.layer_norm_eps < 1:
+        return f"{spell('layer_norm_eps')} must be in (0, 1), not {config.layer_norm_eps!r}"
+    if not isinstance(config.pre_ln, bool):
+        return f"{spell('pre_ln')} must be true or false, not {config.pre_ln!r}"
+    return None
+
+
 def init_weights(module):
     """BERT's initialisation: normal(0, 0.02) weights, zero biases; LayerNorm keeps its 1 and 0."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -236,100 +280,173 @@ def flops_per_sequence(config, seq_len, predictions):
 
 
 def load_pretrained(path):
-    """Loads an encoder to fine-tune: (encoder in eval mode on CPU, tokenizer, pooler state or None).
+    """Loads an encoder to fine-tune: (encoder in eval mode on CPU, tokenizer, pooler state or None, origin).
 
-    path: a checkpoint of this script (a file, or a run's --out folder for its latest checkpoint), or
-    a Hugging Face BERT folder (config.json, model.safetensors or pytorch_model.bin, tokenizer.json or
-    vocab.txt). Raises ValueError with one sentence when the path holds neither."""
+    path: a checkpoint of this script (a file, or a run's --out folder for its newest readable checkpoint),
+    or a Hugging Face BERT folder (config.json, model.safetensors or pytorch_model.bin, tokenizer.json or
+    vocab.txt). origin says what was loaded, whatever its path: {"file", "step" (None for a Hugging Face
+    folder), "weights_sha256"}. Raises ValueError with one sentence when the path holds neither, or holds
+    values that cannot work (missing keys, shapes that disagree, non-finite weights, a tokenizer with more
+    tokens than the embedding table)."""
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        return load_hugging_face_bert(path)
-    checkpoint = read_checkpoint(find_checkpoint(path))
-    if not checkpoint.get("tokenizer_json"):
-        raise ValueError(f"checkpoint {path} carries no tokenizer; it was not written by train_bert.py")
-    encoder = BertEncoder(BertConfig(**checkpoint["model_config"]))
-    prefix = "encoder."
-    encoder.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)})
-    tokenizer = Tokenizer.from_str(checkpoint["tokenizer_json"])
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    return encoder.eval(), tokenizer, None
+        encoder, tokenizer, pooler = load_hugging_face_bert(path)
+        origin = {"file": os.path.abspath(path), "step": None}
+    else:
+        file, checkpoint, unreadable = load_checkpoint(path)
+        for bad in unreadable:
+            print(f"warning: {bad} cannot be read (cut short by a crash or a full disk?); using {file}",
+                  file=sys.stderr)
+        encoder = BertEncoder(BertConfig(**checkpoint["model_config"]))
+        prefix = "encoder."
+        try:
+            encoder.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)})
+            tokenizer = Tokenizer.from_str(checkpoint["tokenizer_json"])
+        except Exception as error:  # torch's and tokenizers' own exception types
+            raise ValueError(f"checkpoint {file} holds weights or a tokenizer that cannot be loaded ({error.__class__.__name__})")
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        pooler, origin = None, {"file": os.path.abspath(file), "step": checkpoint.get("state", {}).get("step")}
+    if tokenizer.get_vocab_size() > encoder.config.vocab_size:
+        raise ValueError(f"the tokenizer of {path} has {tokenizer.get_vocab_size()} tokens, more than the "
+                         f"{encoder.config.vocab_size} rows of the model's embedding table")
+    return encoder.eval(), tokenizer, pooler, {**origin, "weights_sha256": weights_sha256(encoder)}
+
+
+def weights_sha256(module):
+    """A fingerprint of a model's weights (names, shapes, dtypes and bytes): which model, whatever its path."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+# Hugging Face BertModel's module names for ours; layer modules sit under encoder.layer.{i}.
+HF_NAMES = {"word_embeddings": "embeddings.word_embeddings", "position_embeddings": "embeddings.position_embeddings",
+            "token_type_embeddings": "embeddings.token_type_embeddings", "embedding_norm": "embeddings.LayerNorm",
+            "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
+            "ffn_in": "intermediate.dense", "ffn_out": "output.dense", "ffn_norm": "output.LayerNorm"}
+HF_CONFIG = {  # BertConfig field: (its config.json key, the default when absent; None: required)
+    "vocab_size": ("vocab_size", None), "hidden_size": ("hidden_size", None), "num_layers": ("num_hidden_layers", None),
+    "num_heads": ("num_attention_heads", None), "intermediate_size": ("intermediate_size", None),
+    "max_positions": ("max_position_embeddings", None), "type_vocab_size": ("type_vocab_size", 2),
+    "dropout": ("hidden_dropout_prob", 0.1), "attention_dropout": ("attention_probs_dropout_prob", 0.1),
+    "layer_norm_eps": ("layer_norm_eps", 1e-12)}
+
+
+def hugging_face_names(name):
+    """One of our encoder's parameter names -> the Hugging Face names it is made of (qkv: three, stacked)."""
+    parts = name.split(".")
+    if parts[0] != "layers":
+        return [f"{HF_NAMES[parts[0]]}.{parts[-1]}"]
+    _, layer, module, kind = parts
+    if module == "qkv":
+        return [f"encoder.layer.{layer}.attention.self.{part}.{kind}" for part in ("query", "key", "value")]
+    return [f"encoder.layer.{layer}.{HF_NAMES[module]}.{kind}"]
 
 
 def load_hugging_face_bert(folder):
-    """A Hugging Face BertModel/BertForMaskedLM folder as a post-LN BertEncoder, its tokenizer and pooler."""
-    with open(os.path.join(folder, "config.json")) as f:
-        hf = json.load(f)
+    """A Hugging Face BertModel/BertForMaskedLM folder as a post-LN BertEncoder, its tokenizer and pooler.
+    Every value of config.json and every weight is checked against what the model needs."""
+    config_file = os.path.join(folder, "config.json")
+    hf = read_json_object(config_file)
     if hf.get("model_type") != "bert":
-        raise ValueError(f"{folder}/config.json describes a {hf.get('model_type')!r} model, not a BERT")
+        raise ValueError(f"{config_file} describes a {hf.get('model_type')!r} model, not a BERT")
     if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"{folder} is a BERT variant this model does not implement (hidden_act "
                          f"{hf.get('hidden_act')!r}, position_embedding_type {hf.get('position_embedding_type')!r})")
-    config = BertConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-                        intermediate_size=hf["intermediate_size"], max_positions=hf["max_position_embeddings"],
-                        type_vocab_size=hf.get("type_vocab_size", 2), dropout=hf.get("hidden_dropout_prob", 0.1),
-                        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-                        layer_norm_eps=hf.get("layer_norm_eps", 1e-12), pre_ln=False)
-    safetensors_file, bin_file = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
-    try:
-        from safetensors.torch import load_file
-    except ImportError:  # optional: only needed for model.safetensors
-        load_file = None
-    if os.path.isfile(safetensors_file) and load_file:
-        hf_state = load_file(safetensors_file)
-    elif os.path.isfile(bin_file):
-        hf_state = torch.load(bin_file, map_location="cpu", weights_only=True)
-    elif os.path.isfile(safetensors_file):
-        raise ValueError(f"{folder} holds model.safetensors; pip install safetensors to read it")
-    else:
-        raise ValueError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+    missing = [key for key, default in HF_CONFIG.values() if default is None and key not in hf]
+    if missing:
+        raise ValueError(f"{config_file} lacks {', '.join(missing)}")
+    config = BertConfig(**{ours: hf.get(key, default) for ours, (key, default) in HF_CONFIG.items()}, pre_ln=False)
+    problem = model_config_problem(config, spell=lambda name: HF_CONFIG[name][0])
+    if problem:
+        raise ValueError(f"{config_file}: {problem}")
+    weights_file, hf_state = read_hugging_face_weights(folder)
     # BertForMaskedLM prefixes "bert."; checkpoints converted from TensorFlow name LayerNorm gamma/beta
     hf_state = {k.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight")
                 .replace("LayerNorm.beta", "LayerNorm.bias"): v for k, v in hf_state.items()}
-    names = {"embeddings.word_embeddings": "word_embeddings", "embeddings.position_embeddings": "position_embeddings",
-             "embeddings.token_type_embeddings": "token_type_embeddings", "embeddings.LayerNorm": "embedding_norm"}
-    for i in range(config.num_layers):
-        hf_layer = f"encoder.layer.{i}."
-        names.update({hf_layer + "attention.output.dense": f"layers.{i}.attn_out",
-                      hf_layer + "attention.output.LayerNorm": f"layers.{i}.attn_norm",
-                      hf_layer + "intermediate.dense": f"layers.{i}.ffn_in",
-                      hf_layer + "output.dense": f"layers.{i}.ffn_out",
-                      hf_layer + "output.LayerNorm": f"layers.{i}.ffn_norm"})
-    state = {}
-    for hf_name, name in names.items():
-        for kind in ("weight", "bias"):
-            if f"{hf_name}.{kind}" in hf_state:
-                state[f"{name}.{kind}"] = hf_state[f"{hf_name}.{kind}"]
-    for i in range(config.num_layers):
-        for kind in ("weight", "bias"):  # query, key and value stacked into one (3 * hidden) projection
-            state[f"layers.{i}.qkv.{kind}"] = torch.cat(
-                [hf_state[f"encoder.layer.{i}.attention.self.{part}.{kind}"] for part in ("query", "key", "value")])
     encoder = BertEncoder(config)
+    state = {}
+    for name, expected in encoder.state_dict().items():
+        hf_names = hugging_face_names(name)
+        absent = [hf_name for hf_name in hf_names if hf_name not in hf_state]
+        if absent:
+            raise ValueError(f"{weights_file} lacks {absent[0]}, which {config_file} implies")
+        tensor = torch.cat([hf_state[hf_name] for hf_name in hf_names])
+        if tensor.shape != expected.shape:
+            raise ValueError(f"{weights_file}: {' + '.join(hf_names)} has shape {list(tensor.shape)}, "
+                             f"{config_file} implies {list(expected.shape)}")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{weights_file}: {hf_names[0]} holds non-finite values")
+        state[name] = tensor
     encoder.load_state_dict(state)
     pooler = None
-    if "pooler.dense.weight" in hf_state:
+    if "pooler.dense.weight" in hf_state and "pooler.dense.bias" in hf_state:
         pooler = {"weight": hf_state["pooler.dense.weight"], "bias": hf_state["pooler.dense.bias"]}
-    return encoder.eval(), load_hugging_face_tokenizer(folder), pooler
+        if pooler["weight"].shape != (config.hidden_size, config.hidden_size) or not all(
+                torch.isfinite(t).all() for t in pooler.values()):
+            raise ValueError(f"{weights_file}: the pooler's weights do not fit hidden_size {config.hidden_size}")
+    return encoder, load_hugging_face_tokenizer(folder), pooler
+
+
+def read_hugging_face_weights(folder):
+    """(file, state dict) from model.safetensors, or else pytorch_model.bin."""
+    safetensors_file, bin_file = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    try:
+        if os.path.isfile(safetensors_file):
+            from safetensors.torch import load_file
+            return safetensors_file, load_file(safetensors_file)
+        if os.path.isfile(bin_file):
+            return bin_file, torch.load(bin_file, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise ValueError(f"{folder} holds model.safetensors; pip install safetensors to read it")
+    except Exception as error:  # safetensors, pickle, zip and IO errors all mean the same to the user
+        raise ValueError(f"{safetensors_file if os.path.isfile(safetensors_file) else bin_file} cannot be read "
+                         f"({error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+    raise ValueError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
 
 
 def load_hugging_face_tokenizer(folder):
     """tokenizer.json when present, otherwise vocab.txt as a lower-cased BERT WordPiece tokenizer."""
     from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
-    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-    elif os.path.isfile(os.path.join(folder, "vocab.txt")):
-        tokenizer = Tokenizer(models.WordPiece.from_file(os.path.join(folder, "vocab.txt"), unk_token="[UNK]"))
-        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-        tokenizer.decoder = decoders.WordPiece()
-    else:
-        raise ValueError(f"{folder} has neither tokenizer.json nor vocab.txt")
+    try:
+        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        elif os.path.isfile(os.path.join(folder, "vocab.txt")):
+            tokenizer = Tokenizer(models.WordPiece.from_file(os.path.join(folder, "vocab.txt"), unk_token="[UNK]"))
+            tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+            tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+            cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+            if cls is None or sep is None:
+                raise ValueError(f"{folder}/vocab.txt has no [CLS] or [SEP] token")
+            tokenizer.post_processor = processors.TemplateProcessing(
+                single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+            tokenizer.decoder = decoders.WordPiece()
+        else:
+            raise ValueError(f"{folder} has neither tokenizer.json nor vocab.txt")
+    except ValueError:
+        raise
+    except Exception as error:  # tokenizers raises its own exception types
+        raise ValueError(f"the tokenizer in {folder} cannot be read ({error})")
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return tokenizer
+
+
+def read_json_object(path):
+    """A JSON object from a file; ValueError naming the file (and line) when it is not UTF-8 JSON holding one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text")
+    except (OSError, json.JSONDecodeError) as error:  # the decode error says line and column
+        raise ValueError(f"{path} cannot be read as JSON ({error})")
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 # -----------------------------------------------------------------------------------------------
@@ -522,8 +639,13 @@ def fail(message):
     raise SystemExit(f"train_bert.py: error: {message}")
 
 
+ARRAYS = ("input_ids", "mask_positions", "mask_tokens")
+
+
 def open_data(data_dir):
-    """Reads DATA/meta.json and memory-maps every shard after checking it is there with its shape."""
+    """Reads DATA/meta.json, checks every value it states, checks tokenizer.json against the hash meta.json
+    records, and memory-maps every shard after checking its shape against meta.json's. Returns (meta,
+    splits, tokenizer JSON, sha256 of meta.json): that hash names the data, wherever the folder lies."""
     def incomplete(reason):
         fail(f"data directory {data_dir} is incomplete: {reason}; run prepare_data.py again")
 
@@ -532,40 +654,95 @@ def open_data(data_dir):
     if not os.path.isdir(data_dir):
         fail(f"data directory {data_dir} does not exist; create it with prepare_data.py --out {data_dir}")
     try:
-        with open(os.path.join(data_dir, "meta.json")) as f:
-            meta = json.load(f)
+        with open(os.path.join(data_dir, "meta.json"), "rb") as f:
+            meta_bytes = f.read()
+        meta = json.loads(meta_bytes)
     except FileNotFoundError:
         incomplete("meta.json is missing (prepare_data.py writes it last)")
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8, or not JSON
         incomplete(f"meta.json cannot be read ({error})")
-    if meta.get("format_version") != 1:
-        incomplete(f"meta.json has format_version {meta.get('format_version')!r}, this script reads 1")
-    required = ("seq_len", "vocab_size", "special_token_ids", "max_predictions", "splits")
-    missing = [key for key in required if key not in meta]
-    if missing or not {"train", "val"} <= set(meta["splits"]):
-        incomplete(f"meta.json lacks {', '.join(missing) or 'the train or val split'}")
-    if not os.path.isfile(os.path.join(data_dir, meta.get("tokenizer_file", "tokenizer.json"))):
+    problem = meta_problem(meta)
+    if problem:
+        incomplete(f"meta.json {problem}")
+    tokenizer_file = os.path.join(data_dir, "tokenizer.json")
+    if not os.path.isfile(tokenizer_file):
         incomplete("tokenizer.json is missing")
+    with open(tokenizer_file, "rb") as f:
+        tokenizer_bytes = f.read()
+    if hashlib.sha256(tokenizer_bytes).hexdigest() != meta["tokenizer_sha256"]:
+        fail(f"{tokenizer_file} is not the tokenizer the data was made with (its sha256 differs from the one in "
+             f"meta.json); put the original back, or run prepare_data.py again")
     splits = {}
     for name in ("train", "val"):
-        shards = []
-        for shard in meta["splits"][name]["shards"]:
+        listed_split, shards = meta["splits"][name], []
+        for shard in listed_split["shards"]:
             arrays = {}
-            for key in ("input_ids", "mask_positions", "mask_tokens"):
+            for key in ARRAYS:
                 listed = shard[key]
-                path = os.path.join(data_dir, listed["file"])
                 try:
-                    arrays[key] = np.load(path, mmap_mode="r")
+                    arrays[key] = np.load(os.path.join(data_dir, listed["file"]), mmap_mode="r")
                 except (OSError, ValueError) as error:
                     incomplete(f"{listed['file']} cannot be read ({error.__class__.__name__})")
                 if list(arrays[key].shape) != listed["shape"] or arrays[key].dtype.name != listed["dtype"]:
                     incomplete(f"{listed['file']} holds {arrays[key].dtype.name} {list(arrays[key].shape)}, "
                                f"meta.json lists {listed['dtype']} {listed['shape']}")
+            rows = len(arrays["input_ids"])
+            expected = {"input_ids": [rows, meta["seq_len"]],
+                        "mask_positions": [listed_split["duplicates"], rows, meta["max_predictions"]]}
+            expected["mask_tokens"] = expected["mask_positions"]
+            for key in ARRAYS:
+                if list(arrays[key].shape) != expected[key] or arrays[key].dtype.kind != "u":
+                    incomplete(f"{shard[key]['file']} holds {arrays[key].dtype.name} {list(arrays[key].shape)}, "
+                               f"where meta.json's seq_len, max_predictions and duplicates need unsigned {expected[key]}")
             shards.append(arrays)
         sizes = [len(s["input_ids"]) for s in shards]
+        if listed_split.get("sequences", sum(sizes)) != sum(sizes):
+            incomplete(f"meta.json counts {listed_split['sequences']} {name} sequences, its shards hold {sum(sizes)}")
         splits[name] = {"shards": shards, "offsets": np.cumsum([0] + sizes), "sequences": sum(sizes),
-                        "duplicates": meta["splits"][name]["duplicates"]}
-    return meta, splits
+                        "duplicates": listed_split["duplicates"]}
+    return meta, splits, tokenizer_bytes.decode("utf-8", errors="replace"), hashlib.sha256(meta_bytes).hexdigest()
+
+
+def meta_problem(meta):
+    """What is wrong with the values in a meta.json, in words that follow "meta.json", or None."""
+    def integer(value, low, high):
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    if not isinstance(meta, dict):
+        return "does not hold a JSON object"
+    if meta.get("format_version") != 1:
+        return f"has format_version {meta.get('format_version')!r}, this script reads 1"
+    required = ("seq_len", "vocab_size", "special_token_ids", "max_predictions", "splits", "tokenizer_sha256")
+    missing = [key for key in required if key not in meta]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if not integer(meta["seq_len"], 8, 65535):
+        return f"has seq_len {meta['seq_len']!r}, not an integer in [8, 65535]"
+    if not integer(meta["vocab_size"], 8, 1 << 24):
+        return f"has vocab_size {meta['vocab_size']!r}, not an integer in [8, 16777216]"
+    if not integer(meta["max_predictions"], 1, meta["seq_len"] - 2):
+        return f"has max_predictions {meta['max_predictions']!r}, not an integer in [1, seq_len - 2]"
+    ids = meta["special_token_ids"]
+    if not isinstance(ids, dict) or not all(integer(ids.get(k), 0, meta["vocab_size"] - 1) for k in ("cls", "sep", "pad")):
+        return f"has special_token_ids {ids!r}, which lack cls, sep or pad ids below vocab_size"
+    if not isinstance(meta["tokenizer_sha256"], str):
+        return "has a tokenizer_sha256 that is not a string"
+    splits = meta["splits"]
+    if not isinstance(splits, dict) or not {"train", "val"} <= set(splits):
+        return "lacks the train or val split"
+    for name in ("train", "val"):
+        split = splits[name]
+        if not isinstance(split, dict) or not integer(split.get("duplicates"), 1, 1 << 16) \
+                or not isinstance(split.get("shards"), list):
+            return f"has a {name} split without a duplicates count in [1, 65536] and a list of shards"
+        for shard in split["shards"]:
+            for key in ARRAYS:
+                listed = shard.get(key) if isinstance(shard, dict) else None
+                if not (isinstance(listed, dict) and isinstance(listed.get("file"), str)
+                        and listed["file"] == os.path.basename(listed["file"]) and isinstance(listed.get("shape"), list)
+                        and isinstance(listed.get("dtype"), str)):  # a bare file name: nothing outside the folder
+                    return f"lists a {name} shard whose {key} entry lacks a file name, shape or dtype"
+    return None
 
 
 def read_batch(split, rows, duplicate, pad_id):
@@ -662,44 +839,97 @@ def learning_rate(progress, peak_lr, warmup, constant=0.0, degree=1.0):
     return peak_lr * max(0.0, (1.0 - progress) / (1.0 - warmup - constant)) ** degree
 
 
+def progress_of(cfg, step, elapsed_s):
+    """How far the run is through its schedule, in [0, 1]: step / --max-steps, or else time spent / --hours."""
+    return min(step / cfg.max_steps if cfg.max_steps else elapsed_s / (cfg.hours * 3600), 1.0)
+
+
+def lr_at(cfg, progress):
+    constant = cfg.constant if cfg.schedule == "lans" else 0.0
+    return learning_rate(progress, cfg.lr, cfg.warmup, constant)
+
+
 # -----------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints and the output folder
 
 
-def find_checkpoint(path):
-    """A checkpoint file, or the latest one in a run's --out folder (or its checkpoints/ folder)."""
-    if os.path.isfile(path):
-        return path
+def checkpoint_files(path):
+    """The step-N.pt files of a run's --out folder (or of its checkpoints/ folder), oldest first."""
     found = glob.glob(os.path.join(path, "checkpoints", "step-*.pt")) + glob.glob(os.path.join(path, "step-*.pt"))
+    return sorted(found, key=os.path.basename)  # step numbers are zero-padded
+
+
+def load_checkpoint(path):
+    """(file, checkpoint, unreadable): a checkpoint file, or the newest readable checkpoint of a run's folder.
+    unreadable lists the newer files passed over because they cannot be read (cut short by a crash or a
+    full disk in a version that wrote in place, or damaged since)."""
+    if os.path.isfile(path):
+        return path, read_checkpoint(path), []
+    found = checkpoint_files(path)
     if not found:
         raise ValueError(f"no checkpoint found at {path}")
-    return max(found, key=os.path.basename)
+    unreadable = []
+    for file in reversed(found):
+        try:
+            return file, read_checkpoint(file), unreadable
+        except ValueError:
+            unreadable.append(file)
+    raise ValueError(f"none of the {len(found)} checkpoints in {path} can be read")
 
 
 def read_checkpoint(path):
+    """A checkpoint of this script with its values checked; ValueError naming the file if it cannot be used."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and IO errors all mean the same to the user
         raise ValueError(f"{path} cannot be read as a train_bert.py checkpoint ({error.__class__.__name__})")
-    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint or "model" not in checkpoint:
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model_config"), dict) \
+            or not isinstance(checkpoint.get("model"), dict):
         raise ValueError(f"{path} is not a train_bert.py checkpoint")
+    try:
+        problem = model_config_problem(BertConfig(**checkpoint["model_config"]))
+    except TypeError:
+        problem = "its model_config has unknown or missing fields"
+    if problem:
+        raise ValueError(f"{path} cannot be used: {problem}")
+    if not isinstance(checkpoint.get("tokenizer_json"), str):
+        raise ValueError(f"checkpoint {path} carries no tokenizer; it was not written by train_bert.py")
+    state = checkpoint.get("state", {})  # only --resume needs it; a checkpoint to fine-tune may lack it
+    counters = ("step", "epoch", "step_in_epoch", "sequences_seen", "skipped_steps")
+    if state != {} and (not isinstance(state, dict) or not all(type(state.get(k)) is int and state[k] >= 0
+                                                               for k in counters)
+                        or not isinstance(state.get("elapsed_s"), (int, float)) or not 0 <= state["elapsed_s"] < math.inf):
+        raise ValueError(f"{path} cannot be used: its run state (step, data position, time spent) is invalid")
+    for name, tensor in checkpoint["model"].items():
+        if not isinstance(tensor, torch.Tensor) or (tensor.is_floating_point() and not torch.isfinite(tensor).all()):
+            raise ValueError(f"{path} cannot be used: the weight {name} is missing or holds non-finite values")
     return checkpoint
 
 
 def save_checkpoint(run, path):
-    """Writes `run` atomically: a crash mid-write leaves the previous checkpoint intact. Keeps the last few."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """Writes `run` atomically: a temporary file, fsync, then a rename, so a crash or a full disk mid-write
+    leaves the earlier checkpoints intact and no partial file. Then deletes all but the last
+    KEEP_CHECKPOINTS up to this one. Returns None, or why the write failed, in words."""
     temporary = path + ".tmp"
-    with open(temporary, "wb") as f:
-        torch.save(run, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    directory = os.open(os.path.dirname(path), os.O_RDONLY)
-    os.fsync(directory)  # make the rename itself durable
-    os.close(directory)
-    for old in sorted(glob.glob(os.path.join(os.path.dirname(path), "step-*.pt")))[:-KEEP_CHECKPOINTS]:
+    try:
+        with open(temporary, "wb") as f:
+            torch.save(run, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+        directory = os.open(os.path.dirname(path), os.O_RDONLY)
+        try:
+            os.fsync(directory)  # make the rename itself durable
+        finally:
+            os.close(directory)
+    except (OSError, RuntimeError) as error:  # a full disk: OSError, or a RuntimeError from torch.save's writer
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        return f"{error.__class__.__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else 'write failed'}"
+    older = [f for f in checkpoint_files(os.path.dirname(path)) if os.path.basename(f) < os.path.basename(path)]
+    for old in older[:max(0, len(older) - (KEEP_CHECKPOINTS - 1))]:  # never `path`, never a newer one
         os.remove(old)
+    return None
 
 
 def rng_state(device):
@@ -712,14 +942,155 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+OUTPUT_LOCKS = []  # open lock files: a lock lasts while its file is open, so for the whole process
+
+
+def lock_output(out):
+    """Creates --out and takes an exclusive lock on OUT/.lock, so a second run on the same folder stops at
+    once instead of writing over this one. The lock is fcntl's flock: on one machine it always works; on
+    NFSv4 Linux turns it into a byte-range lock that other clients see too; a filesystem without locks
+    refuses it, and the run stops with one line saying so."""
+    try:
+        os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+        lock_file = open(os.path.join(out, ".lock"), "a+")
+    except OSError as error:
+        fail(f"cannot write to --out {out} ({error.strerror}); choose another --out")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        holder = lock_file.read().strip() or "a process"
+        fail(f"another train_bert.py ({holder}) is writing to {out}; wait for it to end, or choose another --out")
+    except OSError as error:
+        fail(f"cannot lock {out}/.lock ({error.strerror}): its filesystem has no file locks; use a local --out")
+    lock_file.truncate(0)
+    lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock_file.flush()
+    OUTPUT_LOCKS.append(lock_file)
+
+
+def prepare_output(cfg):
+    """Rank 0, before anything is written: locks --out, deletes temporary files that a killed run left
+    mid-write, and refuses to start a new run over a folder that already holds checkpoints."""
+    lock_output(cfg.out)
+    for leftover in glob.glob(os.path.join(cfg.out, "checkpoints", "*.tmp")):
+        os.remove(leftover)
+        print(f"removed {leftover}, a checkpoint that a killed run left half-written", flush=True)
+    if not cfg.resume and checkpoint_files(cfg.out):
+        fail(f"{cfg.out} already holds checkpoints; pass --resume {cfg.out} to continue, or choose another --out")
+
+
+def on_rank0(rank, world_size, work):
+    """Runs work() on rank 0 only and hands its (picklable) result to every rank. A user error there
+    stops every rank with the same line, instead of leaving the others waiting at the next collective."""
+    result = [None, None]
+    if rank == 0:
+        try:
+            result = [work(), None]
+        except SystemExit as stop:
+            result = [None, str(stop.code)]
+    if world_size > 1:
+        dist.broadcast_object_list(result)
+    if result[1] is not None:
+        raise SystemExit(result[1])
+    return result[0]
+
+
+RESUME_MUST_MATCH = {"batch": "the data order and the schedule's steps depend on it",
+                     "optimizer": "its state does not carry over to another optimizer",
+                     "seed": "it decides the data order"}
+
+
+def find_resume_checkpoint(cfg):
+    """Rank 0: the checkpoint --resume names, and the checkpoints of --out newer than it, which the resumed
+    run would otherwise mix with its own. Refuses to continue another run's checkpoint into an --out that
+    holds checkpoints of its own. Returns (file, newer files)."""
+    try:
+        file, _, unreadable = load_checkpoint(cfg.resume)
+    except ValueError as error:
+        fail(f"cannot resume: {error}")
+    for bad in unreadable:
+        print(f"warning: {bad} cannot be read (cut short or damaged); resuming from {file}, the newest readable one",
+              flush=True)
+    own = checkpoint_files(cfg.out)
+    if os.path.realpath(os.path.dirname(file)) != os.path.realpath(os.path.join(cfg.out, "checkpoints")) and own:
+        fail(f"cannot resume {file} into {cfg.out}: that folder holds checkpoints of another run; "
+             f"choose an empty --out, or --resume {cfg.out}")
+    return file, [f for f in own if os.path.basename(f) > os.path.basename(file)]
+
+
+def set_aside(files, out, step):
+    """Moves the checkpoints newer than a resumed older one into their own folder: resuming an older
+    checkpoint starts a new branch, the old branch stays on disk, and retention never touches it."""
+    folder = os.path.join(out, "checkpoints", f"abandoned-after-step-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(folder)
+    for file in files:
+        os.replace(file, os.path.join(folder, os.path.basename(file)))
+    return folder
+
+
+def resume(cfg, model, optimizer, scaler, model_config, data_sha256, rank, world_size, device):
+    """Loads the checkpoint --resume names into the model, optimizer, scaler and RNG after checking that it
+    continues this run: the same model, data (by hash), batch, optimizer and seed. States every other
+    flag that differs and what that does to the learning rate. Returns the run state to continue from."""
+    file, newer = on_rank0(rank, world_size, lambda: find_resume_checkpoint(cfg))
+    try:
+        checkpoint = read_checkpoint(file)
+    except ValueError as error:
+        fail(f"cannot resume: {error}")
+    if not checkpoint.get("state") or not isinstance(checkpoint.get("optimizer"), dict):
+        fail(f"cannot resume: {file} holds weights to fine-tune, but no run state or optimizer to continue from")
+    if checkpoint["model_config"] != dataclasses.asdict(model_config):
+        differences = ", ".join(f"{k} {v} (now {getattr(model_config, k)})" for k, v in
+                                checkpoint["model_config"].items() if v != getattr(model_config, k, None))
+        fail(f"cannot resume: {file} holds a different model ({differences}); pass the same --model and "
+             f"model flags, or start a new run in another --out")
+    old = checkpoint.get("train_config") or {}
+    for name, why in RESUME_MUST_MATCH.items():
+        if old.get(name) != getattr(cfg, name):
+            flag = "--" + name.replace("_", "-")
+            fail(f"cannot resume: {file} was trained with {flag} {old.get(name)}; pass the same {flag} ({why})")
+    if checkpoint.get("data_sha256", data_sha256) != data_sha256:
+        fail(f"cannot resume: {file} was trained on other data (its meta.json had sha256 "
+             f"{checkpoint['data_sha256'][:12]}..., {cfg.data}/meta.json has {data_sha256[:12]}...); pass the --data "
+             f"it was trained on (a copy of that folder is fine)")
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as error:
+        fail(f"cannot resume: the weights or optimizer state in {file} do not fit this model ({error.__class__.__name__})")
+    if scaler.is_enabled() and checkpoint.get("scaler"):  # absent when the checkpoint was not fp16
+        scaler.load_state_dict(checkpoint["scaler"])
+    state = checkpoint["state"]
+    if len(checkpoint.get("rng") or []) == world_size:  # per-rank dropout streams continue where they were
+        set_rng_state(checkpoint["rng"][rank], device)
+    log(f"resumed from {file} at step {state['step']}, {state['elapsed_s'] / 3600:.3f} h of the budget spent", rank)
+    if newer and rank == 0:
+        folder = set_aside(newer, cfg.out, state["step"])
+        log(f"note: {len(newer)} newer checkpoint(s) moved to {folder}; this run is a new branch from step "
+            f"{state['step']}", rank)
+    changed = [f"--{name.replace('_', '-')} {getattr(cfg, name)} (was {old[name]})" for name in TRAIN_FLAGS
+               if name in old and name not in ("out", "resume", "data") and old[name] != getattr(cfg, name)]
+    if changed:
+        log(f"note: resuming with other settings: {', '.join(changed)}", rank)
+        before = dataclasses.replace(cfg, **{k: old[k] for k in ("lr", "warmup", "schedule", "constant", "hours",
+                                                                 "max_steps") if k in old})
+        lr_before = lr_at(before, progress_of(before, state["step"], state["elapsed_s"]))
+        lr_now = lr_at(cfg, progress_of(cfg, state["step"], state["elapsed_s"]))
+        if not math.isclose(lr_before, lr_now, rel_tol=1e-9):
+            log(f"note: the learning rate goes from {lr_before:.3e} to {lr_now:.3e} at step {state['step']}: the "
+                f"schedule now follows the new flags", rank)
+    return state
+
+
 # -----------------------------------------------------------------------------------------------
 # The training loop
 
-stop_signal = []  # the signal handler appends the signal number; the loop checks it every step
+STOP_SIGNALS = []  # the signal handler appends the signal number; the loop checks it every step
 
 
 def on_stop_signal(signum, frame):
-    stop_signal.append(signum)
+    STOP_SIGNALS.append(signum)
     signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
 
 
@@ -826,71 +1197,293 @@ def evaluate(model, split, micro_batch, pad_id, rank, world_size, device, precis
     return loss_sum / max(count, 1), correct / max(count, 1)
 
 
-def train(cfg):
-    rank, world_size, device = setup_processes()
-    if cfg.hours <= 0:
-        fail(f"--hours must be positive, not {cfg.hours}")
-    constant = cfg.constant if cfg.schedule == "lans" else 0.0
-    if cfg.warmup < 0 or constant < 0 or cfg.warmup + constant >= 1:
-        fail(f"--warmup {cfg.warmup} and --constant {constant} must be fractions that leave some of the run for "
-             f"the decay (warmup + constant < 1)")
-    if cfg.powersgd_rank < 1 or cfg.bucket_mb <= 0:
-        fail(f"--powersgd-rank ({cfg.powersgd_rank}) and --bucket-mb ({cfg.bucket_mb}) must be positive")
+def train_step(train_model, optimizer, scaler, powersgd, batches, micro_batches, device, precision, world_size,
+               local_flags, timed):
+    """One optimizer step. Each micro-batch runs forward and backward and adds its gradients to the others
+    (DDP all-reduces them once, in the last backward); the fp16 loss scale is divided out; then one
+    all-reduce of a few numbers makes every rank take the same decisions on this step: skip it if its
+    loss, gradients or update are not finite, checkpoint, validate, stop. local_flags() gives this rank's
+    wishes at that moment: [out of time, signal number or 0, checkpoint due, validation due, clock].
 
-    # --- data and model
-    meta, splits = open_data(cfg.data)
-    train_split, val_split = splits["train"], splits["val"]
-    if cfg.micro_batch <= 0 or cfg.batch % (world_size * cfg.micro_batch) != 0:
+    Returns (decisions, mean loss, gradient norm, data position after the step, seconds per micro-batch
+    when timed). The loss and norm stay on the device; the all-reduce is the step's one host sync."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    loss_sum, micro_batch_s = torch.zeros((), device=device), []
+    for i in range(micro_batches):
+        started = time.time()
+        epoch, step_in_epoch, batch = next(batches)  # streamed: one micro-batch in memory, not the step's
+        batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
+        last = i == micro_batches - 1  # gradients are all-reduced once per step, in the last backward
+        with train_model.no_sync() if world_size > 1 and not last else contextlib.nullcontext():
+            with autocast(device, precision):
+                logits = train_model(batch["input_ids"], batch["mlm_positions"], batch.get("attention_mask"))
+            loss = mlm_loss(logits, batch["mlm_labels"])
+            scaler.scale(loss / micro_batches).backward()
+        loss_sum += loss.detach()
+        if timed:  # wait for the GPU: only the last micro-batch communicates, see the loop
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            micro_batch_s.append(time.time() - started)
+    scaler.unscale_(optimizer)  # true gradients for the norm (a no-op unless fp16)
+    grad_norm = global_grad_norm(params)
+    flags = torch.tensor([0.0, *local_flags()], dtype=torch.float64, device=device)
+    flags[0] = (~torch.isfinite(grad_norm) | ~torch.isfinite(loss_sum)).double()
+    if world_size > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    nonfinite, out_of_time, signal_number, checkpoint_due, validation_due, clock_s = flags.tolist()
+    if nonfinite:  # never let it reach the weights; fp16's scaler also lowers its scale
+        scaler.update()
+    skipped = bool(nonfinite) or not apply_update(optimizer, scaler, params, world_size)
+    if skipped and powersgd:
+        reset_powersgd(powersgd)
+    optimizer.zero_grad(set_to_none=True)
+    decisions = dict(skipped=skipped, out_of_time=bool(out_of_time), signal=int(signal_number),
+                     checkpoint_due=bool(checkpoint_due), validation_due=bool(validation_due), clock_s=clock_s)
+    return decisions, loss_sum / micro_batches, grad_norm, (epoch, step_in_epoch + 1), micro_batch_s
+
+
+@torch.no_grad()
+def apply_update(optimizer, scaler, params, world_size):
+    """The optimizer step, with its result checked: if any weight comes out non-finite (an overflow inside
+    the optimizer, from a huge learning rate or trust ratio, with a finite loss and gradient), every weight
+    is put back as it was, so no non-finite number ever reaches the weights. The optimizer's moments keep
+    the step's (finite) gradient. Returns whether the update was kept. Costs one copy of the weights."""
+    before = [p.detach().clone() for p in params]
+    scaler.step(optimizer)
+    scaler.update()
+    largest = torch.stack(torch._foreach_norm([p.detach() for p in params], ord=math.inf)).max()
+    finite = torch.isfinite(largest).double()
+    if world_size > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item():
+        return True
+    torch._foreach_copy_(params, before)
+    return False
+
+
+def check_flags(cfg):
+    """Every numeric flag finite and in its range, and a model shape that can work, before any work starts."""
+    for name, (allowed, words) in FLAG_RANGES.items():
+        value = getattr(cfg, name)
+        if not allowed(value):
+            fail(f"--{name.replace('_', '-')} {value} is out of range: it must be {words}")
+    if cfg.schedule == "lans" and cfg.warmup + cfg.constant >= 1:
+        fail(f"--warmup {cfg.warmup} and --constant {cfg.constant} must be fractions that leave some of the run for "
+             f"the decay (warmup + constant < 1)")
+    shape = BertConfig(**{**MODEL_PRESETS[cfg.model], **cfg.model_overrides})  # vocabulary and positions: later
+    problem = model_config_problem(shape, spell=lambda name: "--" + name.replace("_", "-"))
+    if problem:
+        fail(f"the model cannot be built: {problem}")
+
+
+def check_batch(cfg, train_split, world_size):
+    """Micro-batches per optimizer step on each rank, once --batch is known to divide and to fit the data."""
+    if cfg.batch % (world_size * cfg.micro_batch):
         fail(f"--batch {cfg.batch} does not divide into {world_size} process(es) x --micro-batch {cfg.micro_batch}; "
-             f"pass a --batch that is a multiple of {world_size * max(cfg.micro_batch, 1)}")
-    micro_batches_per_step = cfg.batch // (world_size * cfg.micro_batch)
+             f"pass a --batch that is a multiple of {world_size * cfg.micro_batch}")
     if train_split["sequences"] < cfg.batch:
         fail(f"the training split of {cfg.data} has {train_split['sequences']} sequences, fewer than one "
              f"--batch of {cfg.batch}; lower --batch or prepare more text")
-    seq_len, predictions = meta["seq_len"], meta["max_predictions"]
-    pad_id = meta["special_token_ids"]["pad"]
-    budget_s = cfg.hours * 3600
-    model_config = BertConfig(**{**MODEL_PRESETS[cfg.model], **cfg.model_overrides,
-                                 "vocab_size": math.ceil(meta["vocab_size"] / 8) * 8, "max_positions": seq_len})
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = BertForMLM(model_config).to(device)
+    return cfg.batch // (world_size * cfg.micro_batch)
+
+
+def make_model_config(cfg, meta):
+    """The --model preset with the model flags over it; the vocabulary and positions come from the data."""
+    return BertConfig(**{**MODEL_PRESETS[cfg.model], **cfg.model_overrides,
+                         "vocab_size": math.ceil(meta["vocab_size"] / 8) * 8, "max_positions": meta["seq_len"]})
+
+
+def build_model(config, seed, device):
+    """BertForMLM on the device, initialised from `seed`: the same weights on every rank."""
+    torch.manual_seed(seed)
+    try:
+        return BertForMLM(config).to(device)
+    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError too
+        if "memory" not in str(error).lower():
+            raise
+        fail(f"the model ({config.num_layers} layers, hidden size {config.hidden_size}) does not fit in memory; "
+             f"choose a smaller --model or model flags")
+
+
+def peak_flops(cfg, device):
+    """The device's peak FLOP/s for MFU: --peak-tflops, or else a GPU's dense bf16 peak by its name (0: unknown)."""
+    if cfg.peak_tflops or device.type != "cuda":
+        return cfg.peak_tflops * 1e12
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for gpu, tflops in PEAK_TFLOPS.items() if gpu in name), 0.0)
+
+
+def agree_on_clock(elapsed_s, world_size, device):
+    """The largest of the ranks' clocks: the one time that all ranks schedule by."""
+    clock = torch.tensor(elapsed_s, dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+    return clock.item()
+
+
+def write_checkpoint(run, out, step, rank, world_size, device):
+    """Every rank calls it with the run to save: each adds its RNG state, rank 0 writes
+    OUT/checkpoints/step-N.pt, and every rank learns whether that worked. Returns (file, None or why not)."""
+    rngs = [rng_state(device)]
+    if world_size > 1:
+        rngs = [None] * world_size
+        dist.all_gather_object(rngs, rng_state(device))
+    file = os.path.join(out, "checkpoints", f"step-{step:08d}.pt")
+    error = [save_checkpoint({**run, "rng": rngs}, file) if rank == 0 else None]
+    if world_size > 1:
+        dist.broadcast_object_list(error)
+    return file, error[0]
+
+
+def record(out, kind, **values):
+    """Appends one record to OUT/metrics.jsonl (rank 0 passes its --out, the other ranks None). Non-finite
+    numbers are written as null. A failed write (a full disk) is reported and training goes on: the next
+    checkpoint decides whether the run can continue."""
+    if out is None:
+        return
+    values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
+    try:
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"kind": kind, **values}) + "\n")
+    except OSError as error:
+        print(f"warning: could not append to {out}/metrics.jsonl ({error.strerror})", file=sys.stderr, flush=True)
+
+
+def new_window(device):
+    """What the next log line averages over: the loss of the steps kept, the sequences and the time since
+    the last line, and the communication measured on a timed step."""
+    return dict(loss=torch.zeros((), device=device), kept_steps=0, sequences=0, started=time.time(),
+                comm_s=None, compute_s=None)
+
+
+def add_to_window(window, loss, skipped, sequences, micro_batch_s):
+    if not skipped:
+        window["loss"] += loss
+        window["kept_steps"] += 1
+    window["sequences"] += sequences
+    if micro_batch_s:  # the last micro-batch's extra time over the others is the communication not hidden
+        computing_s = sum(micro_batch_s[:-1]) / (len(micro_batch_s) - 1)
+        window["comm_s"] = max(0.0, micro_batch_s[-1] - computing_s)
+        window["compute_s"] = computing_s * len(micro_batch_s)
+
+
+def log_window(window, state, lr, grad_norm, cfg, speed, elapsed_s, rank, world_size):
+    """Every --log-every steps: one line on rank 0 and one metrics.jsonl record with the mean loss (over the
+    ranks and the steps kept), the learning rate, tokens/s and MFU over the window, time spent and left."""
+    loss = window["loss"]
+    if world_size > 1:
+        dist.all_reduce(loss)
+    interval_s = time.time() - window["started"]
+    mean_loss = loss.item() / world_size / window["kept_steps"] if window["kept_steps"] else None  # None: all skipped
+    tokens_per_s = window["sequences"] * speed["seq_len"] / interval_s
+    mfu = None
+    if speed["peak_flops"]:
+        mfu = window["sequences"] / cfg.batch * speed["flops_per_step"] / interval_s / speed["peak_flops"]
+    values = dict(step=state["step"], sequences=state["sequences_seen"], loss=mean_loss, lr=lr,
+                  grad_norm=grad_norm.item(), tokens_per_s=tokens_per_s, mfu=mfu, elapsed_h=elapsed_s / 3600,
+                  remaining_h=(cfg.hours * 3600 - elapsed_s) / 3600, skipped_steps=state["skipped_steps"],
+                  comm_s=window["comm_s"], compute_s=window["compute_s"])
+    loss_text = "n/a" if mean_loss is None else f"{mean_loss:.4f}"
+    mfu_text = "n/a" if mfu is None else f"{mfu:.1%}"
+    comm_text = "" if window["comm_s"] is None else \
+        f" | comm {window['comm_s']:.3f} s + compute {window['compute_s']:.3f} s per step"
+    log(f"step {state['step']} | seqs {state['sequences_seen']} | loss {loss_text} | lr {lr:.3e} | "
+        f"grad norm {values['grad_norm']:.3f} | {tokens_per_s:,.0f} tokens/s | MFU {mfu_text}{comm_text} | "
+        f"elapsed {values['elapsed_h']:.3f} h | left {values['remaining_h']:.3f} h", rank)
+    record(cfg.out if rank == 0 else None, "train", **values)
+
+
+def pick_precision(precision, device):
+    """--precision auto: bf16 on GPUs that have it, fp16 with loss scaling on older ones, fp32 on the CPU."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def describe_setup(cfg, model, optimizer_name, precision, world_size, micro_batches, powersgd, val_split):
+    """The lines that say what runs: model, optimizer, precision, batch, and how gradients travel."""
+    n_params = sum(p.numel() for p in model.parameters())
+    lines = [f"model: {cfg.model} {model.config}, {n_params / 1e6:.1f}M parameters; optimizer: {optimizer_name}; "
+             f"precision: {precision}; {world_size} process(es) x {micro_batches} micro-batches of "
+             f"{cfg.micro_batch} = batch {cfg.batch}"]
+    if world_size > 1:
+        lines.append(f"gradients: DDP buckets of {cfg.bucket_mb:g} MB, comm hook {cfg.comm_hook}"
+                     + (f" (rank {cfg.powersgd_rank}, from the end of warmup)" if powersgd else ""))
+    elif cfg.comm_hook != "none":  # a logged no-op, so one command line serves 1 and N processes
+        lines.append(f"note: --comm-hook {cfg.comm_hook} has no effect in a single process (nothing is communicated)")
+    if val_split["sequences"] == 0:
+        lines.append("note: the validation split is empty; validation is skipped")
+    return lines
+
+
+def set_learning_rate(optimizer, powersgd, cfg, step, clock_s, rank):
+    """Sets this step's learning rate from the schedule, and starts PowerSGD once warmup is over."""
+    progress = progress_of(cfg, step, clock_s)
+    lr = lr_at(cfg, progress)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if powersgd and powersgd.start_powerSGD_iter == POWERSGD_NOT_YET and progress >= cfg.warmup:
+        log(f"PowerSGD compresses the gradients from step {step + 1 + start_powersgd(powersgd)} on", rank)
+    return lr
+
+
+def advance(state, skipped, sequences, position):
+    """The run state after one optimizer step, skipped or not: the data moves on either way."""
+    state["step"] += 1
+    state["sequences_seen"] += sequences
+    state["epoch"], state["step_in_epoch"] = position
+    state["skipped_steps"] += skipped
+
+
+def why_stop(decisions, skipped_in_a_row):
+    """Why the run stops after this step, or None: too many non-finite steps, a signal, or the deadline."""
+    if skipped_in_a_row >= NONFINITE_STEPS_LIMIT:
+        return "nonfinite"
+    if decisions["signal"]:
+        return "signal"
+    return "deadline" if decisions["out_of_time"] else None
+
+
+def finish(stop_reason, signal_number, last_file, write_error, state, cfg, elapsed_s, rank):
+    """The last word: where the weights are and how to go on. Ends with an error for a failed write or
+    non-finite steps, and with status 128 + the signal's number after a signal (on every rank)."""
+    if write_error:
+        kept = last_file or (checkpoint_files(cfg.out) or [None])[-1]
+        what_now = (f"The newest complete checkpoint is {kept}; free space, then continue with the same command and "
+                    f"--resume {cfg.out}") if kept else "No checkpoint was completed; free space, then start again"
+        fail(f"could not write a checkpoint to {cfg.out}/checkpoints ({write_error}); is the disk full? {what_now}")
+    if stop_reason == "nonfinite":
+        fail(f"stopped: {NONFINITE_STEPS_LIMIT} steps in a row had a non-finite loss, gradient or update; the "
+             f"weights before them are in {last_file}; lower --lr or use --precision bf16/fp32")
+    log(f"stopped ({stop_reason}) at step {state['step']} after {elapsed_s / 3600:.3f} h; checkpoint: {last_file}", rank)
+    if stop_reason == "signal":
+        log(f"continue with the same command and --resume {cfg.out}", rank)
+        sys.exit(128 + signal_number)
+
+
+def train(cfg):
+    check_flags(cfg)
+    rank, world_size, device = setup_processes()
+
+    # --- data, model, optimizer
+    meta, splits, tokenizer_json, data_sha256 = open_data(cfg.data)
+    train_split, val_split = splits["train"], splits["val"]
+    micro_batches = check_batch(cfg, train_split, world_size)
+    seq_len, pad_id = meta["seq_len"], meta["special_token_ids"]["pad"]
+    model_config = make_model_config(cfg, meta)
+    model = build_model(model_config, cfg.seed, device)  # the same initial weights on every rank
     optimizer, optimizer_name = make_optimizer(model, cfg, device)
-    precision = cfg.precision
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    precision = pick_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 needs loss scaling
-    with open(os.path.join(cfg.data, meta.get("tokenizer_file", "tokenizer.json"))) as f:
-        tokenizer_json = f.read()
     torch.manual_seed(cfg.seed + rank)  # a different dropout stream on every rank
 
     # --- where to start: a fresh run, or exactly where a checkpoint left off
+    on_rank0(rank, world_size, lambda: prepare_output(cfg))  # one writer per --out
     state = dict(step=0, epoch=0, step_in_epoch=0, sequences_seen=0, elapsed_s=0.0, skipped_steps=0)
-    checkpoint_dir = os.path.join(cfg.out, "checkpoints")
     if cfg.resume:
-        try:
-            path = find_checkpoint(cfg.resume)
-            checkpoint = read_checkpoint(path)
-        except ValueError as error:
-            fail(f"cannot resume: {error}")
-        if checkpoint["model_config"] != dataclasses.asdict(model_config):
-            differences = ", ".join(f"{k} {v} (now {getattr(model_config, k)})" for k, v in
-                                    checkpoint["model_config"].items() if v != getattr(model_config, k, None))
-            fail(f"cannot resume: {path} holds a different model ({differences}); pass the same --model and "
-                 f"model flags, or start a new run in another --out")
-        if checkpoint["train_config"]["batch"] != cfg.batch:
-            fail(f"cannot resume: {path} was trained with --batch {checkpoint['train_config']['batch']}; "
-                 f"pass the same --batch")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        state = checkpoint["state"]
-        if len(checkpoint["rng"]) == world_size:  # per-rank dropout streams continue where they were
-            set_rng_state(checkpoint["rng"][rank], device)
-        log(f"resumed from {path} at step {state['step']}, {state['elapsed_s'] / 3600:.3f} h of the budget spent", rank)
-    elif glob.glob(os.path.join(checkpoint_dir, "step-*.pt")):
-        fail(f"{cfg.out} already holds checkpoints; pass --resume {cfg.out} to continue, or choose another --out")
-    if rank == 0:
-        os.makedirs(checkpoint_dir, exist_ok=True)
+        state = resume(cfg, model, optimizer, scaler, model_config, data_sha256, rank, world_size, device)
     elapsed_before_s = state["elapsed_s"]
 
     def elapsed_s():  # time spent against the budget, over all resumed runs
@@ -900,197 +1493,96 @@ def train(cfg):
     powersgd = None
     if world_size > 1:  # hand-written data parallelism: DDP all-reduces the gradients in backward
         train_model, powersgd = wrap_ddp(train_model, cfg, device)
-    params = list(model.parameters())
-    n_params = sum(p.numel() for p in params)
-    log(f"model: {cfg.model} {model_config}, {n_params / 1e6:.1f}M parameters; optimizer: {optimizer_name}; "
-        f"precision: {precision}; {world_size} process(es) x {micro_batches_per_step} micro-batches of "
-        f"{cfg.micro_batch} = batch {cfg.batch}", rank)
-    if world_size > 1:
-        log(f"gradients: DDP buckets of {cfg.bucket_mb:g} MB, comm hook {cfg.comm_hook}"
-            + (f" (rank {cfg.powersgd_rank}, from the end of warmup)" if powersgd else ""), rank)
-    elif cfg.comm_hook != "none":  # a logged no-op, so one command line serves 1 and N processes
-        log(f"note: --comm-hook {cfg.comm_hook} has no effect in a single process (nothing is communicated)", rank)
-    peak_flops = cfg.peak_tflops * 1e12
-    if not peak_flops and device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak_flops = next((tf * 1e12 for gpu, tf in PEAK_TFLOPS.items() if gpu in name), 0.0)
-    flops_per_step = flops_per_sequence(model_config, seq_len, predictions) * cfg.batch
-    if val_split["sequences"] == 0:
-        log("note: the validation split is empty; validation is skipped", rank)
-    metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
+    for line in describe_setup(cfg, model, optimizer_name, precision, world_size, micro_batches, powersgd,
+                               val_split):
+        log(line, rank)
+    speed = dict(seq_len=seq_len, flops_per_step=flops_per_sequence(model_config, seq_len, meta["max_predictions"])
+                 * cfg.batch, peak_flops=peak_flops(cfg, device))
+    identity = dict(model_config=dataclasses.asdict(model_config), train_config=dataclasses.asdict(cfg),
+                    tokenizer_json=tokenizer_json, tokenizer_sha256=meta["tokenizer_sha256"],
+                    special_token_ids=meta["special_token_ids"], data_sha256=data_sha256)
 
-    def record(kind, **values):
-        if metrics:
-            metrics.write(json.dumps({"kind": kind, **values}) + "\n")
-            metrics.flush()
-
-    def write_checkpoint(stop_reason=None):
-        """All ranks call it (each contributes its RNG state); rank 0 writes. Returns the seconds it took."""
+    def checkpoint(stop_reason=None):
+        """Every rank calls it; rank 0 writes. Returns (file, why the write failed or None, seconds taken)."""
         started = time.time()
-        rngs = [rng_state(device)]
-        if world_size > 1:
-            rngs = [None] * world_size
-            dist.all_gather_object(rngs, rng_state(device))
-        if rank == 0:
-            run = {"model_config": dataclasses.asdict(model_config), "train_config": dataclasses.asdict(cfg),
-                   "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                   "state": {**state, "elapsed_s": elapsed_s()}, "rng": rngs, "stop_reason": stop_reason,
-                   "tokenizer_json": tokenizer_json,
-                   "tokenizer_sha256": hashlib.sha256(tokenizer_json.encode()).hexdigest(),
-                   "special_token_ids": meta["special_token_ids"]}
-            save_checkpoint(run, os.path.join(checkpoint_dir, f"step-{state['step']:08d}.pt"))
-        return time.time() - started
+        run = {**identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+               "scaler": scaler.state_dict(), "state": {**state, "elapsed_s": elapsed_s()}, "stop_reason": stop_reason}
+        file, error = write_checkpoint(run, cfg.out, state["step"], rank, world_size, device)
+        return file, error, time.time() - started
 
     def validate():
         val_loss, val_accuracy = evaluate(model, val_split, cfg.micro_batch, pad_id, rank, world_size, device, precision)
         log(f"validation at step {state['step']}: loss {val_loss:.4f}, masked-token accuracy {val_accuracy:.4f}", rank)
-        record("val", step=state["step"], val_loss=val_loss, val_accuracy=val_accuracy)
+        record(cfg.out if rank == 0 else None, "val", step=state["step"], val_loss=val_loss, val_accuracy=val_accuracy)
 
     # --- the loop: one optimizer step per iteration
     batches = prefetch(train_batches(train_split, cfg, pad_id, rank, world_size, state["epoch"], state["step_in_epoch"],
                                      pin_memory=device.type == "cuda"))
-    # durations that decide when to stop: an optimizer step, a validation (both measured) and a
-    # checkpoint (guessed at 100 MB/s for weights and two moments until the first one is measured)
-    step_s, validation_s, checkpoint_s = 0.0, 0.0, 12 * n_params / 100e6
-    last_checkpoint = last_validation = last_log = time.time()
-    log_loss, log_steps, log_sequences, nonfinite_in_a_row = torch.zeros((), device=device), 0, 0, 0
-    comm_s = compute_s = None  # measured on logged steps, see below
-    # The schedule reads the clock that all ranks agree on (the largest), so that they use the same lr
-    # and start PowerSGD on the same step; it is refreshed with the all-reduce at the end of each step.
-    clock = torch.tensor(elapsed_s(), dtype=torch.float64, device=device)
-    if world_size > 1:
-        dist.all_reduce(clock, op=dist.ReduceOp.MAX)
-    clock_s = clock.item()
-    stop_reason = None
+    # durations that decide when to stop: an optimizer step, a validation (both measured) and a checkpoint
+    # (guessed at 100 MB/s for the weights and two moments until the first one is measured)
+    step_s, validation_s, checkpoint_s = 0.0, 0.0, 12 * sum(p.numel() for p in model.parameters()) / 100e6
+    last_checkpoint = last_validation = time.time()
+    window, skipped_in_a_row, stop_reason, last_file, write_error = new_window(device), 0, None, None, None
+    decisions = dict(signal=0)  # what all ranks agreed on at the last step
+    # The schedule reads the clock that all ranks agree on (the largest), so that they use the same lr and
+    # start PowerSGD on the same step; each step's agreement all-reduce refreshes it.
+    clock_s = agree_on_clock(elapsed_s(), world_size, device)
     signal.signal(signal.SIGTERM, on_stop_signal)
     signal.signal(signal.SIGINT, on_stop_signal)
     model.train()
-    while stop_reason is None:
-        if cfg.max_steps and state["step"] >= cfg.max_steps:
-            stop_reason = "max_steps"
-            break
+    while not (cfg.max_steps and state["step"] >= cfg.max_steps):
         step_started = time.time()
-        progress = state["step"] / cfg.max_steps if cfg.max_steps else clock_s / budget_s
-        lr = learning_rate(min(progress, 1.0), cfg.lr, cfg.warmup, constant)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if powersgd and powersgd.start_powerSGD_iter == POWERSGD_NOT_YET and progress >= cfg.warmup:
-            log(f"PowerSGD compresses the gradients from step {state['step'] + 1 + start_powersgd(powersgd)} on", rank)
+        lr = set_learning_rate(optimizer, powersgd, cfg, state["step"], clock_s, rank)
         # On logged steps, time each micro-batch (waiting for the GPU): only the last one communicates,
         # so its extra time over the others is the communication that backward did not hide.
-        timed = world_size > 1 and micro_batches_per_step > 1 and (state["step"] + 1) % cfg.log_every == 0
-        micro_batch_s = []
-        loss_sum = torch.zeros((), device=device)
-        for i in range(micro_batches_per_step):
-            micro_batch_started = time.time()
-            epoch, step_in_epoch, batch = next(batches)  # streamed: one micro-batch in memory, not the step's
-            batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
-            last = i == micro_batches_per_step - 1
-            # gradients are all-reduced once per step, in the backward of the last micro-batch
-            no_sync = train_model.no_sync() if world_size > 1 and not last else contextlib.nullcontext()
-            with no_sync:
-                with autocast(device, precision):
-                    logits = train_model(batch["input_ids"], batch["mlm_positions"], batch.get("attention_mask"))
-                loss = mlm_loss(logits, batch["mlm_labels"])
-                scaler.scale(loss / micro_batches_per_step).backward()
-            loss_sum += loss.detach()
-            if timed:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                micro_batch_s.append(time.time() - micro_batch_started)
-        if timed:
-            computing_s = sum(micro_batch_s[:-1]) / (micro_batches_per_step - 1)  # one micro-batch, no sync
-            comm_s, compute_s = max(0.0, micro_batch_s[-1] - computing_s), computing_s * micro_batches_per_step
-        scaler.unscale_(optimizer)  # true gradients for the norm (a no-op unless fp16)
-        grad_norm = global_grad_norm(params)
+        timed = world_size > 1 and micro_batches > 1 and (state["step"] + 1) % cfg.log_every == 0
 
-        # One all-reduce per step makes every rank take the same decisions: skip a non-finite step,
-        # checkpoint, validate, stop. Stop unless another step, a validation and a checkpoint fit.
-        seconds_left = budget_s - elapsed_s()
-        reserve_s = 1.5 * step_s + validation_s + checkpoint_s + 1.0
-        flags = torch.tensor([0.0, seconds_left < reserve_s, bool(stop_signal),
-                              time.time() - last_checkpoint >= cfg.checkpoint_minutes * 60,
-                              time.time() - last_validation >= cfg.val_minutes * 60, elapsed_s()],
-                             dtype=torch.float64, device=device)
-        flags[0] = (~torch.isfinite(grad_norm) | ~torch.isfinite(loss_sum)).double()
-        if world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        *flags, clock_s = flags.tolist()
-        nonfinite, out_of_time, signalled, checkpoint_due, validation_due = (bool(f) for f in flags)
-        if nonfinite:  # never let it reach the weights; fp16's scaler also lowers its scale
-            if scaler.is_enabled():
-                scaler.update()
-            if powersgd:
-                reset_powersgd(powersgd)
-            state["skipped_steps"] += 1
-            nonfinite_in_a_row += 1
-        else:
-            scaler.step(optimizer)
-            scaler.update()
-            nonfinite_in_a_row = 0
-            log_loss += loss_sum / micro_batches_per_step
-            log_steps += 1
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["sequences_seen"] += cfg.batch
-        state["epoch"], state["step_in_epoch"] = epoch, step_in_epoch + 1
-        log_sequences += cfg.batch
+        def local_flags():  # stop unless another step, a validation and a checkpoint still fit
+            reserve_s = 1.5 * step_s + validation_s + checkpoint_s + 1.0
+            return [cfg.hours * 3600 - elapsed_s() < reserve_s, STOP_SIGNALS[0] if STOP_SIGNALS else 0,
+                    time.time() - last_checkpoint >= cfg.checkpoint_minutes * 60,
+                    time.time() - last_validation >= cfg.val_minutes * 60, elapsed_s()]
 
+        decisions, loss, grad_norm, position, micro_batch_s = train_step(
+            train_model, optimizer, scaler, powersgd, batches, micro_batches, device, precision, world_size,
+            local_flags, timed)
+        clock_s = decisions["clock_s"]
+        advance(state, decisions["skipped"], cfg.batch, position)
+        skipped_in_a_row = skipped_in_a_row + 1 if decisions["skipped"] else 0
+        add_to_window(window, loss, decisions["skipped"], cfg.batch, micro_batch_s)
         if state["step"] % cfg.log_every == 0:
-            if world_size > 1:
-                dist.all_reduce(log_loss)
-            interval_s = time.time() - last_log
-            mean_loss = log_loss.item() / world_size / log_steps if log_steps else None  # None: all skipped
-            tokens_per_s = log_sequences * seq_len / interval_s
-            mfu = log_sequences / cfg.batch * flops_per_step / interval_s / peak_flops if peak_flops else None
-            values = dict(step=state["step"], sequences=state["sequences_seen"], loss=mean_loss, lr=lr,
-                          grad_norm=grad_norm.item(), tokens_per_s=tokens_per_s, mfu=mfu,
-                          elapsed_h=elapsed_s() / 3600, remaining_h=(budget_s - elapsed_s()) / 3600,
-                          skipped_steps=state["skipped_steps"], comm_s=comm_s, compute_s=compute_s)
-            loss_text = "n/a" if mean_loss is None else f"{mean_loss:.4f}"
-            mfu_text = "n/a" if mfu is None else f"{mfu:.1%}"
-            comm_text = "" if comm_s is None else f" | comm {comm_s:.3f} s + compute {compute_s:.3f} s per step"
-            log(f"step {state['step']} | seqs {state['sequences_seen']} | loss {loss_text} | lr {lr:.3e} | "
-                f"grad norm {values['grad_norm']:.3f} | {tokens_per_s:,.0f} tokens/s | MFU {mfu_text}{comm_text} | "
-                f"elapsed {values['elapsed_h']:.3f} h | left {values['remaining_h']:.3f} h", rank)
-            record("train", **values)
-            log_loss.zero_()
-            log_steps = log_sequences = 0
-            last_log = time.time()
+            log_window(window, state, lr, grad_norm, cfg, speed, elapsed_s(), rank, world_size)
+            window = new_window(device)
         step_s = time.time() - step_started if step_s == 0 else 0.9 * step_s + 0.1 * (time.time() - step_started)
 
-        if nonfinite_in_a_row >= NONFINITE_STEPS_LIMIT:
-            stop_reason = "nonfinite"
-        elif signalled:
-            stop_reason = "signal"
-        elif out_of_time:
-            stop_reason = "deadline"
-        elif checkpoint_due:
-            checkpoint_s = max(checkpoint_s, write_checkpoint())
-            last_checkpoint = time.time()
-        if validation_due and stop_reason is None and val_split["sequences"]:
+        stop_reason = why_stop(decisions, skipped_in_a_row)
+        if stop_reason:
+            break
+        if decisions["checkpoint_due"]:
+            file, write_error, seconds = checkpoint()
+            if write_error:
+                break
+            last_file, checkpoint_s, last_checkpoint = file, max(checkpoint_s, seconds), time.time()
+        if decisions["validation_due"] and val_split["sequences"]:
             validation_started = time.time()
             validate()
             last_validation = time.time()
             validation_s = last_validation - validation_started
 
-    # --- the end: always a checkpoint, then a line that says why
-    write_checkpoint(stop_reason)
-    checkpoint = os.path.join(checkpoint_dir, f"step-{state['step']:08d}.pt")
+    # --- the end: a checkpoint (unless the disk just refused one), then a line that says why
+    stop_reason = stop_reason or ("write_failed" if write_error else "max_steps")
+    if not write_error:
+        file, write_error, _ = checkpoint(stop_reason)
+        last_file = last_file if write_error else file
     if stop_reason == "max_steps" and val_split["sequences"]:
         validate()
     if world_size > 1:
+        # the work is done: torchrun's SIGTERM to the ranks still exiting when the first one ends would
+        # only turn their exit status from 128 + signal into a kill
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         dist.barrier()
         dist.destroy_process_group()
-    if metrics:
-        metrics.close()
-    if stop_reason == "nonfinite":
-        fail(f"stopped: {NONFINITE_STEPS_LIMIT} steps in a row had a non-finite loss or gradient; the weights "
-             f"before them are in {checkpoint}; lower --lr or use --precision bf16/fp32")
-    log(f"stopped ({stop_reason}) at step {state['step']} after {elapsed_s() / 3600:.3f} h; checkpoint: {checkpoint}", rank)
-    if stop_reason == "signal":
-        log(f"continue with the same command and --resume {cfg.out}", rank)
-        sys.exit(128 + stop_signal[0])
+    finish(stop_reason, decisions["signal"], last_file, write_error, state, cfg, elapsed_s(), rank)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1106,6 +1598,7 @@ def parse_bool(text):
 def parse_args(argv=None):
     """The command line, generated from TrainConfig and the overridable BertConfig fields."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: fail(f"{message} (see --help)")  # one line, not the usage block
     for f in fields(TrainConfig):
         if f.name == "model_overrides":
             continue
@@ -1125,7 +1618,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    try:
+        train(parse_args(argv))
+    finally:  # a process lets its locks go when it ends; a caller in the same process needs them let go now
+        while OUTPUT_LOCKS:
+            OUTPUT_LOCKS.pop().close()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ LR, BATCH_SIZE, EPOCHS, SEED, WARMUP_FRACTION, MAX_SEQ_LEN = 5e-5, 32, 1, 0, 0.1
 
 def run_ours(model_dir, train, dev):
     """finetune_glue.py's own code path; returns (training examples/s, per CPU-second, dev accuracy)."""
-    encoder, tokenizer, pooler_state = load_pretrained(model_dir)
+    encoder, tokenizer, pooler_state, _ = load_pretrained(model_dir)
     tokenizer.enable_truncation(max_length=MAX_SEQ_LEN)
     tokens = {"train": finetune_glue.tokenize(tokenizer, train), "dev": finetune_glue.tokenize(tokenizer, dev)}
     cfg = finetune_glue.Config(checkpoint=model_dir, tasks=("sst2",), out="", warmup_fraction=WARMUP_FRACTION,

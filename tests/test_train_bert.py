@@ -70,7 +70,7 @@ def test_minilm_matches_transformers(minilm_dir, tmp_path):
     with padding and both segments, from model.safetensors and from a BertForMaskedLM pytorch_model.bin."""
     transformers = pytest.importorskip("transformers")
     reference = transformers.BertModel.from_pretrained(minilm_dir, attn_implementation="eager").eval()
-    encoder, tokenizer, pooler = load_pretrained(minilm_dir)
+    encoder, tokenizer, pooler, origin = load_pretrained(minilm_dir)
     assert not encoder.training and encoder.final_norm is None and encoder.config.pre_ln is False
     pair = tokenizer.encode("The quick brown fox jumps over the lazy dog.", "A second, shorter segment.")
     single = tokenizer.encode("Hello world!")
@@ -97,7 +97,7 @@ def test_minilm_matches_transformers(minilm_dir, tmp_path):
     shutil.copy(os.path.join(minilm_dir, "vocab.txt"), folder)
     torch.save({"bert." + k: v for k, v in reference.state_dict().items() if not k.startswith("pooler")},
                folder / "pytorch_model.bin")
-    encoder_bin, tokenizer_bin, pooler_bin = load_pretrained(str(folder))
+    encoder_bin, tokenizer_bin, pooler_bin, origin_bin = load_pretrained(str(folder))
     assert pooler_bin is None
     assert tokenizer_bin.encode("Hello world!").ids == single.ids
     assert tokenizer_bin.encode("The quick brown fox jumps over the lazy dog.", "A second, shorter segment.").type_ids \
@@ -325,7 +325,7 @@ def sharded_wikitext(tmp_path_factory, wikitext_raw, minilm_dir):
 
 
 def test_read_batch_applies_the_masking_contract(sharded_wikitext):
-    meta, splits = train_bert.open_data(sharded_wikitext)
+    meta, splits, _, _ = train_bert.open_data(sharded_wikitext)
     train = splits["train"]
     pad, cls = meta["special_token_ids"]["pad"], meta["special_token_ids"]["cls"]
     n = train["sequences"]
@@ -351,7 +351,7 @@ def test_read_batch_applies_the_masking_contract(sharded_wikitext):
 
 
 def test_ranks_read_disjoint_slices_of_each_epoch(sharded_wikitext):
-    meta, splits = train_bert.open_data(sharded_wikitext)
+    meta, splits, _, _ = train_bert.open_data(sharded_wikitext)
     train = splits["train"]
     cfg = train_bert.TrainConfig(batch=512, micro_batch=64)
     steps_per_epoch = train["sequences"] // 512
@@ -423,7 +423,7 @@ def test_loss_falls_on_real_text(trained_tiny):
 
 def test_checkpoint_loads_for_finetuning(trained_tiny, prepared_wikitext):
     out, _ = trained_tiny
-    encoder, tokenizer, pooler = load_pretrained(out)  # the run folder: its latest checkpoint
+    encoder, tokenizer, pooler, origin = load_pretrained(out)  # the run folder: its latest checkpoint
     assert pooler is None and not encoder.training and isinstance(encoder, BertEncoder)
     with open(os.path.join(prepared_wikitext, "tokenizer.json")) as f:
         assert tokenizer.to_str() == train_bert.Tokenizer.from_str(f.read()).to_str()
@@ -586,7 +586,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(small_wikitext, tmp_path)
     out = tmp_path / "nan"
     result = run_train("--data", small_wikitext, "--out", out, *TINY, "--batch", 16, "--micro-batch", 16,
                        "--max-steps", 100, "--optimizer", "adamw", "--lr", 1e30, "--warmup", 0, check=False)
-    assert_user_error(result, "10 steps in a row had a non-finite loss or gradient", "lower --lr")
+    assert_user_error(result, "10 steps in a row had a non-finite loss, gradient or update", "lower --lr")
     checkpoint = final_state(out)
     assert checkpoint["stop_reason"] == "nonfinite" and checkpoint["state"]["skipped_steps"] >= 10
     assert checkpoint["state"]["step"] < 100

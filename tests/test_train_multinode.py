@@ -157,8 +157,8 @@ def test_bad_schedule_and_communication_flags(small_wikitext, tmp_path):
     message = user_error(*data, "--schedule", "lans", "--warmup", 0.8)
     assert message == ("train_bert.py: error: --warmup 0.8 and --constant 0.25 must be fractions that leave some of "
                        "the run for the decay (warmup + constant < 1)")
-    assert "--powersgd-rank (0)" in user_error(*data, "--powersgd-rank", 0)
-    assert "--bucket-mb (0.0)" in user_error(*data, "--bucket-mb", 0)
+    assert "--powersgd-rank 0 is out of range: it must be an integer in [1, 65536]" in user_error(*data, "--powersgd-rank", 0)
+    assert "--bucket-mb 0.0 is out of range: it must be in (0, 1048576]" in user_error(*data, "--bucket-mb", 0)
     result = run_train(*data, "--schedule", "lans", "--warmup", 0.8, check=False)
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [message]
 
@@ -169,7 +169,7 @@ def test_bad_schedule_and_communication_flags(small_wikitext, tmp_path):
 
 def test_train_batches_read_one_micro_batch_at_a_time(small_wikitext, monkeypatch):
     """Memory does not grow with the global batch: asking for a micro-batch reads only its rows."""
-    meta, splits = train_bert.open_data(small_wikitext)
+    meta, splits, _, _ = train_bert.open_data(small_wikitext)
     rows_read = []
     read_batch = train_bert.read_batch
     monkeypatch.setattr(train_bert, "read_batch", lambda split, rows, *rest: (rows_read.append(len(rows)),

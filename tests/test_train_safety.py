@@ -1,0 +1,406 @@
+"""train_bert.py against a hostile user (issue 9), one section per class of mistake: numbers out of range,
+values read from files, checkpoints that must never be lost, identity rather than names, one writer per
+--out, and signals under torchrun. Runs are real (subprocesses on WikiText-2, as a user runs them)."""
+import glob
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run_script
+from test_train_bert import (TINY, TRAIN, assert_user_error, checkpoints, final_state, records, run_train,  # noqa: F401
+                             small_wikitext, user_error)
+from test_train_multinode import DIST_ENV
+
+sys.path.insert(0, REPO)
+import train_bert  # noqa: E402
+from train_bert import BertConfig, BertForMLM, load_pretrained  # noqa: E402
+
+QUICK = [*TINY, "--batch", 16, "--micro-batch", 16]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def start_train(*args):
+    """train_bert.py in the background, as a user starts it in another terminal."""
+    return subprocess.Popen([sys.executable, TRAIN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO, env=ENV)
+
+
+def wait_for_records(out, count, process, timeout_s=120):
+    path = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + timeout_s
+    while not (os.path.exists(path) and len(open(path).read().splitlines()) >= count):
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "the run never logged"
+        time.sleep(0.05)
+
+
+# -------------------------------------------------------------------------------------------------
+# 1. Numbers that make no sense: refused before any work, naming the flag and its range
+
+
+BAD_NUMBERS = [  # (flags, what the one error line must say)
+    (["--hours", "nan"], "--hours nan is out of range: it must be in (0, 10000]"),
+    (["--hours", "inf"], "--hours inf is out of range"),
+    (["--hours", "0"], "--hours 0.0 is out of range"),
+    (["--lr", "nan"], "--lr nan is out of range: it must be positive and finite"),
+    (["--lr", "inf"], "--lr inf is out of range"),
+    (["--lr=-1e-3"], "--lr -0.001 is out of range"),
+    (["--batch", "0"], "--batch 0 is out of range: it must be an integer in [1, 16777216]"),
+    (["--micro-batch", "0"], "--micro-batch 0 is out of range"),
+    (["--warmup", "1"], "--warmup 1.0 is out of range: it must be a fraction in [0, 1)"),
+    (["--warmup", "nan"], "--warmup nan is out of range"),
+    (["--schedule", "lans", "--constant", "nan"], "--constant nan is out of range"),
+    (["--max-steps", "-1"], "--max-steps -1 is out of range: it must be an integer >= 0"),
+    (["--seed", "-1"], "--seed -1 is out of range: it must be an integer in [0, 2**62)"),
+    (["--checkpoint-minutes", "nan"], "--checkpoint-minutes nan is out of range: it must be a number of minutes >= 0"),
+    (["--val-minutes", "-1"], "--val-minutes -1.0 is out of range"),
+    (["--log-every", "0"], "--log-every 0 is out of range: it must be an integer >= 1"),
+    (["--peak-tflops", "inf"], "--peak-tflops inf is out of range"),
+    (["--powersgd-rank", "0"], "--powersgd-rank 0 is out of range"),
+    (["--bucket-mb", "nan"], "--bucket-mb nan is out of range"),
+    (["--num-heads", "3"], "the model cannot be built: --hidden-size 64 is not divisible by --num-heads 3"),
+    (["--hidden-size", "0"], "the model cannot be built: --hidden-size must be an integer in [1, 16777216], not 0"),
+    (["--num-layers", "-2"], "--num-layers must be an integer in [1, 16777216], not -2"),
+    (["--dropout", "1"], "--dropout must be a probability in [0, 1), not 1.0"),
+    (["--attention-dropout", "nan"], "--attention-dropout must be a probability in [0, 1), not nan"),
+]
+
+
+@pytest.mark.parametrize("flags, phrase", BAD_NUMBERS, ids=[" ".join(flags) for flags, _ in BAD_NUMBERS])
+def test_numeric_flags_are_checked_before_any_work(small_wikitext, tmp_path, flags, phrase):
+    out = tmp_path / "out"
+    message = user_error("--data", small_wikitext, "--out", out, *QUICK, *flags)
+    assert message.startswith("train_bert.py: error: ") and phrase in message, message
+    assert not out.exists()  # nothing was written
+
+
+def test_a_bad_number_is_one_line_for_the_user(small_wikitext, tmp_path):
+    result = run_train("--data", small_wikitext, "--out", tmp_path / "out", *QUICK, "--hours", "nan", check=False)
+    assert_user_error(result, "--hours nan is out of range")
+
+
+def test_no_non_finite_update_reaches_the_weights(small_wikitext, tmp_path):
+    """lr 3.4e38 is finite and the loss and gradients are too, but AdamW's step overflows float32: every update
+    is put back, so after ten such steps the checkpoint holds exactly the initial weights."""
+    out = tmp_path / "overflow"
+    result = run_train("--data", small_wikitext, "--out", out, *QUICK, "--optimizer", "adamw", "--lr", 3.4e38,
+                       "--warmup", 0, "--max-steps", 1000, check=False)
+    assert_user_error(result, "10 steps in a row had a non-finite loss, gradient or update")
+    checkpoint = final_state(out)
+    assert checkpoint["state"]["step"] == 10 and checkpoint["state"]["skipped_steps"] == 10
+    initial = train_bert.build_model(BertConfig(**checkpoint["model_config"]), 0, torch.device("cpu"))
+    for name, value in initial.state_dict().items():
+        assert torch.equal(checkpoint["model"][name], value), name
+    assert all(r["grad_norm"] is not None and math.isfinite(r["grad_norm"]) for r in records(out, "train"))
+
+
+def test_apply_update_puts_back_a_non_finite_update():
+    weights = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.full((2, 2), 2.0))]
+    for p in weights:
+        p.grad = torch.ones_like(p)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    assert not train_bert.apply_update(torch.optim.SGD(weights, lr=math.inf), scaler, weights, world_size=1)
+    assert torch.equal(weights[0].data, torch.ones(3)) and torch.equal(weights[1].data, torch.full((2, 2), 2.0))
+    assert train_bert.apply_update(torch.optim.SGD(weights, lr=0.5), scaler, weights, world_size=1)
+    assert torch.equal(weights[0].data, torch.full((3,), 0.5))
+
+
+# -------------------------------------------------------------------------------------------------
+# 2. Values and encodings read from files: one line naming the file
+
+
+def edit_meta(folder, change):
+    meta = json.loads((folder / "meta.json").read_text())
+    change(meta)
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def swap_tokenizer(folder):
+    """Another valid tokenizer (one more token) where the data's was."""
+    tokenizer = train_bert.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.add_tokens(["zzzunseen"])
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+
+BAD_DATA = [
+    (lambda f: edit_meta(f, lambda m: m.update(seq_len="128")), "is incomplete: meta.json has seq_len '128', not an integer"),
+    (lambda f: edit_meta(f, lambda m: m.update(vocab_size=-5)), "meta.json has vocab_size -5"),
+    (lambda f: edit_meta(f, lambda m: m["special_token_ids"].update(pad=10 ** 9)), "meta.json has special_token_ids"),
+    (lambda f: edit_meta(f, lambda m: m.update(max_predictions=500)), "meta.json has max_predictions 500"),
+    (lambda f: edit_meta(f, lambda m: m["splits"]["train"]["shards"][0]["input_ids"].update(
+        file="../../etc/passwd")), "lists a train shard whose input_ids entry lacks a file name"),
+    (lambda f: edit_meta(f, lambda m: m["splits"]["train"].update(sequences=999)),
+     "meta.json counts 999 train sequences, its shards hold 110"),
+    (lambda f: edit_meta(f, lambda m: m["splits"]["train"].update(duplicates=2)),
+     "train-00000-mask_positions.npy holds uint8 [3, 110, 20], where meta.json's seq_len, max_predictions and "
+     "duplicates need unsigned [2, 110, 20]"),
+    (lambda f: edit_meta(f, lambda m: m.update(seq_len=64)), "train-00000-input_ids.npy holds uint16 [110, 128]"),
+    (lambda f: (f / "meta.json").write_bytes(b'{"format_version": 1, "seq_len": "\xff"}'), "meta.json cannot be read"),
+    (lambda f: (f / "meta.json").write_text("[1, 2]"), "meta.json does not hold a JSON object"),
+    (swap_tokenizer, "is not the tokenizer the data was made with (its sha256 differs from the one in meta.json)"),
+]
+
+
+@pytest.mark.parametrize("breakage, phrase", BAD_DATA)
+def test_every_value_of_the_data_folder_is_checked(small_wikitext, tmp_path, breakage, phrase):
+    folder = tmp_path / "data"
+    shutil.copytree(small_wikitext, folder)
+    breakage(folder)
+    message = user_error("--data", folder, "--out", tmp_path / "out", *QUICK)
+    assert message.startswith(f"train_bert.py: error: ") and str(folder) in message and phrase in message, message
+
+
+def hugging_face_copy(minilm_dir, folder, config_change=None, weights_change=None):
+    """all-MiniLM-L6-v2 copied, with its config.json and weights edited."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(minilm_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    if config_change:
+        config_change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    if weights_change:
+        weights = load_file(folder / "model.safetensors")
+        weights_change(weights)
+        save_file({k: v.contiguous() for k, v in weights.items()}, folder / "model.safetensors")
+    return str(folder)
+
+
+def small_vocabulary(config, weights):
+    config["vocab_size"] = 1000
+    weights["embeddings.word_embeddings.weight"] = weights["embeddings.word_embeddings.weight"][:1000]
+
+
+BAD_HUGGING_FACE = [
+    (dict(config_change=lambda c: c.pop("num_attention_heads")), "config.json lacks num_attention_heads"),
+    (dict(config_change=lambda c: c.update(num_attention_heads=5)), "hidden_size 384 is not divisible by num_attention_heads 5"),
+    (dict(config_change=lambda c: c.update(hidden_size="384")), "hidden_size must be an integer in [1, 16777216], not '384'"),
+    (dict(config_change=lambda c: c.update(hidden_dropout_prob=None)), "hidden_dropout_prob must be a probability"),
+    (dict(config_change=lambda c: c.update(intermediate_size=1000)),
+     "encoder.layer.0.intermediate.dense.weight has shape [1536, 384], "),
+    (dict(weights_change=lambda w: w.pop("encoder.layer.3.attention.self.key.bias")),
+     "model.safetensors lacks encoder.layer.3.attention.self.key.bias"),
+    (dict(weights_change=lambda w: w["encoder.layer.1.output.dense.weight"].__setitem__((0, 0), math.nan)),
+     "encoder.layer.1.output.dense.weight holds non-finite values"),
+    (dict(config_change=lambda c: c.update(vocab_size=1000),
+          weights_change=lambda w: w.update({"embeddings.word_embeddings.weight":
+                                             w["embeddings.word_embeddings.weight"][:1000]})),
+     "has 30522 tokens, more than the 1000 rows of the model's embedding table"),
+]
+
+
+@pytest.mark.parametrize("edits, phrase", BAD_HUGGING_FACE)
+def test_hugging_face_folders_are_checked(minilm_dir, tmp_path, edits, phrase):
+    folder = hugging_face_copy(minilm_dir, tmp_path / "model", **edits)
+    with pytest.raises(ValueError) as error:
+        load_pretrained(folder)
+    assert phrase in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+def test_unreadable_config_json(minilm_dir, tmp_path):
+    folder = hugging_face_copy(minilm_dir, tmp_path / "model")
+    (tmp_path / "model" / "config.json").write_bytes(b'{"model_type": "bert", "name": "\xe9"}')
+    with pytest.raises(ValueError, match="config.json is not UTF-8 text"):
+        load_pretrained(folder)
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "bert",\n "vocab_size": }')
+    with pytest.raises(ValueError, match=r"config.json cannot be read as JSON \(Expecting value: line 2"):
+        load_pretrained(folder)
+
+
+# -------------------------------------------------------------------------------------------------
+# 3. Checkpoints are never lost
+
+
+def test_resuming_an_older_checkpoint_starts_a_branch_and_keeps_the_old_one(small_wikitext, tmp_path):
+    """Resuming step 4 of a run that reached step 6: the new run's step-5 is not deleted by retention, the old
+    step-5 and step-6 move aside, and a later --resume continues the new branch, not the old one."""
+    out = tmp_path / "run"
+    common = ["--data", small_wikitext, "--out", out, *QUICK]
+    run_train(*common, "--max-steps", 6, "--checkpoint-minutes", 0)
+    old_branch = {os.path.basename(p): torch.load(p, weights_only=True)["state"]["step"] for p in checkpoints(out)}
+    assert sorted(old_branch) == ["step-00000004.pt", "step-00000005.pt", "step-00000006.pt"]
+    result = run_train(*common, "--max-steps", 5, "--resume", out / "checkpoints" / "step-00000004.pt")
+    assert "resumed from" in result.stdout and "at step 4" in result.stdout
+    assert "note: 2 newer checkpoint(s) moved to" in result.stdout
+    assert [os.path.basename(p) for p in checkpoints(out)] == ["step-00000004.pt", "step-00000005.pt"]
+    (aside,) = glob.glob(str(out / "checkpoints" / "abandoned-after-step-4-*"))
+    assert sorted(os.listdir(aside)) == ["step-00000005.pt", "step-00000006.pt"]
+    resumed = run_train(*common, "--max-steps", 7, "--resume", out)
+    assert "step-00000005.pt at step 5" in resumed.stdout  # the new branch's newest, not the old step 6
+    assert final_state(out)["state"]["step"] == 7
+
+
+def test_a_truncated_latest_checkpoint_is_passed_over_saying_so(small_wikitext, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data", small_wikitext, "--out", out, *QUICK]
+    run_train(*common, "--max-steps", 5, "--checkpoint-minutes", 0)
+    latest = checkpoints(out)[-1]
+    with open(latest, "r+b") as f:
+        f.truncate(os.path.getsize(latest) // 2)
+    encoder, _, _, origin = load_pretrained(str(out))  # fine-tuning from the folder: the previous one
+    assert origin["step"] == 4 and origin["file"].endswith("step-00000004.pt")
+    assert f"warning: {latest} cannot be read" in capsys.readouterr().err
+    (out / "checkpoints" / "step-00000009.pt.tmp").write_bytes(b"half a checkpoint")  # as left by kill -9
+    result = run_train(*common, "--max-steps", 6, "--resume", out)
+    assert f"warning: {latest} cannot be read (cut short or damaged); resuming from" in result.stdout
+    assert f"removed {out / 'checkpoints' / 'step-00000009.pt.tmp'}" in result.stdout
+    assert "at step 4" in result.stdout and final_state(out)["state"]["step"] == 6
+    assert not glob.glob(str(out / "checkpoints" / "*.tmp"))
+    assert glob.glob(str(out / "checkpoints" / "abandoned-after-step-4-*" / "step-00000005.pt"))  # kept, aside
+
+
+def limit_file_size():
+    """In the child: files cannot grow past 1 MB, and writing more fails with EFBIG as a full disk would."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_cleanly(small_wikitext, tmp_path):
+    """The tiny model's checkpoint is about 25 MB; with files limited to 1 MB, torch.save fails mid-write
+    (RuntimeError), as on a full disk: one line, no partial file, exit 1."""
+    out = tmp_path / "full"
+    result = subprocess.run([sys.executable, TRAIN, "--data", small_wikitext, "--out", str(out), *map(str, QUICK),
+                             "--max-steps", "3", "--checkpoint-minutes", "0"], capture_output=True, text=True, cwd=REPO,
+                            env=ENV, preexec_fn=limit_file_size, timeout=120)
+    assert_user_error(result, f"could not write a checkpoint to {out}/checkpoints (", "is the disk full?",
+                      "No checkpoint was completed; free space, then start again")
+    assert os.listdir(out / "checkpoints") == []  # no partial file
+    assert [r["step"] for r in records(out, "train")] == [1]  # the first checkpoint failed: the run stopped there
+
+
+def test_save_checkpoint_failure_and_retention(tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for step in (1, 2, 3, 9):
+        (folder / f"step-{step:08d}.pt").write_bytes(b"x")
+    assert train_bert.save_checkpoint({"a": torch.zeros(1)}, str(folder / "step-00000004.pt")) is None
+    # the new one and the two before it stay; step 9 (a newer branch) is never deleted by retention
+    assert sorted(os.listdir(folder)) == ["step-00000002.pt", "step-00000003.pt", "step-00000004.pt",
+                                          "step-00000009.pt"]
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    error = train_bert.save_checkpoint({"a": torch.zeros(1)}, str(folder / "step-00000005.pt"))
+    assert error.startswith("RuntimeError: [enforce fail")
+    assert sorted(os.listdir(folder)) == ["step-00000002.pt", "step-00000003.pt", "step-00000004.pt",
+                                          "step-00000009.pt"]
+
+
+# -------------------------------------------------------------------------------------------------
+# 4. Identity, not names
+
+
+@pytest.fixture(scope="module")
+def stopped_run(small_wikitext, tmp_path_factory):
+    """Three steps of a run, to resume with other settings."""
+    out = tmp_path_factory.mktemp("runs") / "three"
+    run_train("--data", small_wikitext, "--out", out, *QUICK, "--max-steps", 3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_masking(small_wikitext, tmp_path_factory, minilm_dir):
+    """The same text and shapes as small_wikitext, masked with another seed: other data."""
+    folder = tmp_path_factory.mktemp("prepared")
+    run_script("prepare_data.py", "--input", json.loads(open(os.path.join(small_wikitext, "meta.json")).read())
+               ["sources"][0]["path"], "--tokenizer", os.path.join(minilm_dir, "tokenizer.json"), "--dup-factor", 3,
+               "--val-fraction", 0.1, "--workers", 1, "--seed", 1, "--out", folder / "other")
+    return str(folder / "other")
+
+
+def test_resume_refuses_another_data_optimizer_or_seed(small_wikitext, other_masking, stopped_run, tmp_path):
+    common = ["--out", tmp_path / "next", *QUICK, "--max-steps", 5, "--resume", stopped_run]
+    checkpoint = checkpoints(stopped_run)[-1]
+    message = user_error("--data", other_masking, *common)
+    assert f"cannot resume: {checkpoint} was trained on other data (its meta.json had sha256" in message
+    assert "pass the --data it was trained on (a copy of that folder is fine)" in message
+    message = user_error("--data", small_wikitext, *common, "--optimizer", "adamw")
+    assert message.endswith(f"cannot resume: {checkpoint} was trained with --optimizer lamb; pass the same "
+                            f"--optimizer (its state does not carry over to another optimizer)")
+    message = user_error("--data", small_wikitext, *common, "--seed", 1)
+    assert "was trained with --seed 0; pass the same --seed (it decides the data order)" in message
+    # a copy of the data folder is the same data: identity is the content, not the path
+    copy = tmp_path / "copy"
+    shutil.copytree(small_wikitext, copy)
+    result = run_train("--data", copy, *common)
+    assert "at step 3" in result.stdout and final_state(tmp_path / "next")["state"]["step"] == 5
+
+
+def test_resume_says_what_changes(small_wikitext, stopped_run, tmp_path):
+    """Resuming with another --lr and --max-steps is allowed and said, with the learning rate's jump."""
+    out = tmp_path / "changed"
+    result = run_train("--data", small_wikitext, "--out", out, *QUICK, "--max-steps", 30, "--lr", 2e-3,
+                       "--resume", stopped_run)
+    old = train_bert.TrainConfig(max_steps=3)
+    new = train_bert.TrainConfig(max_steps=30, lr=2e-3)
+    lr_before, lr_now = train_bert.lr_at(old, 1.0), train_bert.lr_at(new, 0.1)
+    assert lr_before == 0.0 and lr_now == pytest.approx(2e-3 * (1 - 0.1) / 0.94)
+    assert "note: resuming with other settings: --lr 0.002 (was 0.001), --max-steps 30 (was 3)" in result.stdout
+    assert f"note: the learning rate goes from {lr_before:.3e} to {lr_now:.3e} at step 3" in result.stdout
+
+
+# -------------------------------------------------------------------------------------------------
+# 5. One writer per --out
+
+
+def test_a_second_run_on_the_same_out_stops_at_once(small_wikitext, tmp_path):
+    out = tmp_path / "shared"
+    first = start_train("--data", small_wikitext, "--out", out, *QUICK, "--hours", 1)
+    try:
+        wait_for_records(out, 2, first)
+        second = run_train("--data", small_wikitext, "--out", out, *QUICK, "--hours", 1, "--resume", out, check=False)
+        assert_user_error(second, f"another train_bert.py (pid {first.pid} on ", f"is writing to {out}; wait for it")
+        assert first.poll() is None  # untouched
+    finally:
+        first.send_signal(signal.SIGTERM)
+        stdout, stderr = first.communicate(timeout=60)
+    assert first.returncode == 128 + signal.SIGTERM and "stopped (signal)" in stdout, stdout + stderr
+    assert final_state(out)["stop_reason"] == "signal"
+
+
+# -------------------------------------------------------------------------------------------------
+# 6. Signals under torchrun
+
+
+def test_sigterm_to_one_worker_stops_every_rank_with_a_checkpoint(small_wikitext, tmp_path):
+    """A scheduler preempting one process: the signal is agreed at the next step, rank 0 writes the
+    checkpoint, and every rank exits with 128 + SIGTERM (torchrun reports them as failed)."""
+    out = tmp_path / "preempted"
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                 TRAIN, "--data", small_wikitext, "--out", str(out), *map(str, TINY), "--batch", "16",
+                                 "--micro-batch", "8", "--hours", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=REPO, env=DIST_ENV)
+    try:
+        wait_for_records(out, 3, launcher)
+        workers = {}
+        for pid in os.listdir("/proc"):
+            try:
+                stat = open(f"/proc/{pid}/stat").read()
+                environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            if pid.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == launcher.pid:
+                rank = next(v for v in environ if v.startswith(b"RANK="))
+                workers[int(rank[5:])] = int(pid)
+        assert sorted(workers) == [0, 1]
+        os.kill(workers[1], signal.SIGTERM)  # rank 1 only
+        stdout, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert "IndexError" not in stderr and "stopped (signal) at step" in stdout, stdout + stderr
+    assert stderr.count("exitcode  : 143") == 2, stderr  # both ranks: 128 + SIGTERM
+    checkpoint = final_state(out)
+    assert checkpoint["stop_reason"] == "signal" and len(checkpoint["rng"]) == 2
