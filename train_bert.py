@@ -26,6 +26,7 @@ import json
 import math
 import os
 import queue
+import shutil
 import signal
 import socket
 import sys
@@ -93,6 +94,9 @@ class TrainConfig:
                          choices=["auto", "bf16", "fp16", "fp32"])
     max_steps: int = arg(0, "stop after this many optimizer steps and schedule by steps (0: schedule by time)")
     resume: str = arg("", "checkpoint file, or a run's --out folder to continue from its latest checkpoint")
+    init_from: str = arg("", "start a new run from another run's weights (a checkpoint, or a run's --out): a second "
+                         "phase with other data, length, batch, optimizer or schedule")
+    init_optimizer: bool = arg(False, "with --init-from: carry the optimizer's moments over too (same --optimizer)")
     seed: int = arg(0, "seed of the initialisation, the data order and dropout")
     compile: bool = arg(False, "run the model through torch.compile")
     checkpoint_minutes: float = arg(30.0, "minutes between checkpoints (one is always written at the end)")
@@ -277,176 +281,6 @@ def flops_per_sequence(config, seq_len, predictions):
     head_weights = hidden * hidden + hidden * config.vocab_size
     attention = 12 * layers * hidden * seq_len * seq_len
     return 6 * layers * layer_weights * seq_len + attention + 6 * head_weights * predictions
-
-
-def load_pretrained(path):
-    """Loads an encoder to fine-tune: (encoder in eval mode on CPU, tokenizer, pooler state or None, origin).
-
-    path: a checkpoint of this script (a file, or a run's --out folder for its newest readable checkpoint),
-    or a Hugging Face BERT folder (config.json, model.safetensors or pytorch_model.bin, tokenizer.json or
-    vocab.txt). origin says what was loaded, whatever its path: {"file", "step" (None for a Hugging Face
-    folder), "weights_sha256"}. Raises ValueError with one sentence when the path holds neither, or holds
-    values that cannot work (missing keys, shapes that disagree, non-finite weights, a tokenizer with more
-    tokens than the embedding table)."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        encoder, tokenizer, pooler = load_hugging_face_bert(path)
-        origin = {"file": os.path.abspath(path), "step": None}
-    else:
-        file, checkpoint, unreadable = load_checkpoint(path)
-        for bad in unreadable:
-            print(f"warning: {bad} cannot be read (cut short by a crash or a full disk?); using {file}",
-                  file=sys.stderr)
-        encoder = BertEncoder(BertConfig(**checkpoint["model_config"]))
-        prefix = "encoder."
-        try:
-            encoder.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)})
-            tokenizer = Tokenizer.from_str(checkpoint["tokenizer_json"])
-        except Exception as error:  # torch's and tokenizers' own exception types
-            raise ValueError(f"checkpoint {file} holds weights or a tokenizer that cannot be loaded ({error.__class__.__name__})")
-        tokenizer.no_truncation()
-        tokenizer.no_padding()
-        pooler, origin = None, {"file": os.path.abspath(file), "step": checkpoint.get("state", {}).get("step")}
-    if tokenizer.get_vocab_size() > encoder.config.vocab_size:
-        raise ValueError(f"the tokenizer of {path} has {tokenizer.get_vocab_size()} tokens, more than the "
-                         f"{encoder.config.vocab_size} rows of the model's embedding table")
-    return encoder.eval(), tokenizer, pooler, {**origin, "weights_sha256": weights_sha256(encoder)}
-
-
-def weights_sha256(module):
-    """A fingerprint of a model's weights (names, shapes, dtypes and bytes): which model, whatever its path."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-# Hugging Face BertModel's module names for ours; layer modules sit under encoder.layer.{i}.
-HF_NAMES = {"word_embeddings": "embeddings.word_embeddings", "position_embeddings": "embeddings.position_embeddings",
-            "token_type_embeddings": "embeddings.token_type_embeddings", "embedding_norm": "embeddings.LayerNorm",
-            "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
-            "ffn_in": "intermediate.dense", "ffn_out": "output.dense", "ffn_norm": "output.LayerNorm"}
-HF_CONFIG = {  # BertConfig field: (its config.json key, the default when absent; None: required)
-    "vocab_size": ("vocab_size", None), "hidden_size": ("hidden_size", None), "num_layers": ("num_hidden_layers", None),
-    "num_heads": ("num_attention_heads", None), "intermediate_size": ("intermediate_size", None),
-    "max_positions": ("max_position_embeddings", None), "type_vocab_size": ("type_vocab_size", 2),
-    "dropout": ("hidden_dropout_prob", 0.1), "attention_dropout": ("attention_probs_dropout_prob", 0.1),
-    "layer_norm_eps": ("layer_norm_eps", 1e-12)}
-
-
-def hugging_face_names(name):
-    """One of our encoder's parameter names -> the Hugging Face names it is made of (qkv: three, stacked)."""
-    parts = name.split(".")
-    if parts[0] != "layers":
-        return [f"{HF_NAMES[parts[0]]}.{parts[-1]}"]
-    _, layer, module, kind = parts
-    if module == "qkv":
-        return [f"encoder.layer.{layer}.attention.self.{part}.{kind}" for part in ("query", "key", "value")]
-    return [f"encoder.layer.{layer}.{HF_NAMES[module]}.{kind}"]
-
-
-def load_hugging_face_bert(folder):
-    """A Hugging Face BertModel/BertForMaskedLM folder as a post-LN BertEncoder, its tokenizer and pooler.
-    Every value of config.json and every weight is checked against what the model needs."""
-    config_file = os.path.join(folder, "config.json")
-    hf = read_json_object(config_file)
-    if hf.get("model_type") != "bert":
-        raise ValueError(f"{config_file} describes a {hf.get('model_type')!r} model, not a BERT")
-    if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"{folder} is a BERT variant this model does not implement (hidden_act "
-                         f"{hf.get('hidden_act')!r}, position_embedding_type {hf.get('position_embedding_type')!r})")
-    missing = [key for key, default in HF_CONFIG.values() if default is None and key not in hf]
-    if missing:
-        raise ValueError(f"{config_file} lacks {', '.join(missing)}")
-    config = BertConfig(**{ours: hf.get(key, default) for ours, (key, default) in HF_CONFIG.items()}, pre_ln=False)
-    problem = model_config_problem(config, spell=lambda name: HF_CONFIG[name][0])
-    if problem:
-        raise ValueError(f"{config_file}: {problem}")
-    weights_file, hf_state = read_hugging_face_weights(folder)
-    # BertForMaskedLM prefixes "bert."; checkpoints converted from TensorFlow name LayerNorm gamma/beta
-    hf_state = {k.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight")
-                .replace("LayerNorm.beta", "LayerNorm.bias"): v for k, v in hf_state.items()}
-    encoder = BertEncoder(config)
-    state = {}
-    for name, expected in encoder.state_dict().items():
-        hf_names = hugging_face_names(name)
-        absent = [hf_name for hf_name in hf_names if hf_name not in hf_state]
-        if absent:
-            raise ValueError(f"{weights_file} lacks {absent[0]}, which {config_file} implies")
-        tensor = torch.cat([hf_state[hf_name] for hf_name in hf_names])
-        if tensor.shape != expected.shape:
-            raise ValueError(f"{weights_file}: {' + '.join(hf_names)} has shape {list(tensor.shape)}, "
-                             f"{config_file} implies {list(expected.shape)}")
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"{weights_file}: {hf_names[0]} holds non-finite values")
-        state[name] = tensor
-    encoder.load_state_dict(state)
-    pooler = None
-    if "pooler.dense.weight" in hf_state and "pooler.dense.bias" in hf_state:
-        pooler = {"weight": hf_state["pooler.dense.weight"], "bias": hf_state["pooler.dense.bias"]}
-        if pooler["weight"].shape != (config.hidden_size, config.hidden_size) or not all(
-                torch.isfinite(t).all() for t in pooler.values()):
-            raise ValueError(f"{weights_file}: the pooler's weights do not fit hidden_size {config.hidden_size}")
-    return encoder, load_hugging_face_tokenizer(folder), pooler
-
-
-def read_hugging_face_weights(folder):
-    """(file, state dict) from model.safetensors, or else pytorch_model.bin."""
-    safetensors_file, bin_file = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
-    try:
-        if os.path.isfile(safetensors_file):
-            from safetensors.torch import load_file
-            return safetensors_file, load_file(safetensors_file)
-        if os.path.isfile(bin_file):
-            return bin_file, torch.load(bin_file, map_location="cpu", weights_only=True)
-    except ImportError:
-        raise ValueError(f"{folder} holds model.safetensors; pip install safetensors to read it")
-    except Exception as error:  # safetensors, pickle, zip and IO errors all mean the same to the user
-        raise ValueError(f"{safetensors_file if os.path.isfile(safetensors_file) else bin_file} cannot be read "
-                         f"({error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''})")
-    raise ValueError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
-
-
-def load_hugging_face_tokenizer(folder):
-    """tokenizer.json when present, otherwise vocab.txt as a lower-cased BERT WordPiece tokenizer."""
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
-    try:
-        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-        elif os.path.isfile(os.path.join(folder, "vocab.txt")):
-            tokenizer = Tokenizer(models.WordPiece.from_file(os.path.join(folder, "vocab.txt"), unk_token="[UNK]"))
-            tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-            tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-            cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-            if cls is None or sep is None:
-                raise ValueError(f"{folder}/vocab.txt has no [CLS] or [SEP] token")
-            tokenizer.post_processor = processors.TemplateProcessing(
-                single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-            tokenizer.decoder = decoders.WordPiece()
-        else:
-            raise ValueError(f"{folder} has neither tokenizer.json nor vocab.txt")
-    except ValueError:
-        raise
-    except Exception as error:  # tokenizers raises its own exception types
-        raise ValueError(f"the tokenizer in {folder} cannot be read ({error})")
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    return tokenizer
-
-
-def read_json_object(path):
-    """A JSON object from a file; ValueError naming the file (and line) when it is not UTF-8 JSON holding one."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text")
-    except (OSError, json.JSONDecodeError) as error:  # the decode error says line and column
-        raise ValueError(f"{path} cannot be read as JSON ({error})")
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
-    return value
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1084,6 +918,268 @@ def resume(cfg, model, optimizer, scaler, model_config, data_sha256, rank, world
 
 
 # -----------------------------------------------------------------------------------------------
+# Pretrained models: load a checkpoint or a Hugging Face folder; export to Hugging Face
+
+
+def load_pretrained(path):
+    """Loads an encoder to fine-tune: (encoder in eval mode on CPU, tokenizer, pooler state or None, origin).
+
+    path: a checkpoint of this script (a file, or a run's --out folder for its newest readable checkpoint),
+    or a Hugging Face folder of a BERT (post-LN) or RoBERTa-PreLayerNorm (pre-LN) model: config.json,
+    model.safetensors or pytorch_model.bin, tokenizer.json or vocab.txt. origin says what was loaded,
+    whatever its path: {"file", "step" (None for a Hugging Face folder), "weights_sha256"}. Raises
+    ValueError with one sentence when the path holds neither, or values that cannot work (missing keys,
+    shapes that disagree, non-finite weights, a tokenizer with more tokens than the embedding table)."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        encoder, tokenizer, pooler = load_hugging_face(path)
+        origin = {"file": os.path.abspath(path), "step": None}
+    else:
+        file, checkpoint, unreadable = load_checkpoint(path)
+        for bad in unreadable:
+            print(f"warning: {bad} cannot be read (cut short by a crash or a full disk?); using {file}",
+                  file=sys.stderr)
+        encoder = BertEncoder(BertConfig(**checkpoint["model_config"]))
+        prefix = "encoder."
+        try:
+            encoder.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)})
+            tokenizer = checkpoint_tokenizer(checkpoint)
+        except Exception as error:  # torch's and tokenizers' own exception types
+            raise ValueError(f"checkpoint {file} holds weights or a tokenizer that cannot be loaded ({error.__class__.__name__})")
+        pooler, origin = None, {"file": os.path.abspath(file), "step": checkpoint.get("state", {}).get("step")}
+    if tokenizer.get_vocab_size() > encoder.config.vocab_size:
+        raise ValueError(f"the tokenizer of {path} has {tokenizer.get_vocab_size()} tokens, more than the "
+                         f"{encoder.config.vocab_size} rows of the model's embedding table")
+    return encoder.eval(), tokenizer, pooler, {**origin, "weights_sha256": weights_sha256(encoder)}
+
+
+def checkpoint_tokenizer(checkpoint):
+    tokenizer = Tokenizer.from_str(checkpoint["tokenizer_json"])
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def weights_sha256(module):
+    """A fingerprint of a model's weights (names, shapes, dtypes and bytes): which model, whatever its path."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+# Hugging Face has both our layouts: BERT is the post-LN one; RoBERTa-PreLayerNorm has exactly the pre-LN
+# one (a LayerNorm after the embeddings, one before each attention and feed-forward, one at the end).
+HF_LAYOUTS = {  # our pre_ln -> the Hugging Face model, the prefix of its encoder's names, its MLM head's names
+    False: dict(model_type="bert", architecture="BertForMaskedLM", prefix="bert.",
+                head={"head_dense": "cls.predictions.transform.dense",
+                      "head_norm": "cls.predictions.transform.LayerNorm", "decoder_bias": "cls.predictions.bias"}),
+    True: dict(model_type="roberta-prelayernorm", architecture="RobertaPreLayerNormForMaskedLM",
+               prefix="roberta_prelayernorm.",
+               head={"head_dense": "lm_head.dense", "head_norm": "lm_head.layer_norm", "decoder_bias": "lm_head.bias"}),
+}
+HF_MODULES = {  # our module -> its name in BERT, in RoBERTa-PreLayerNorm; layer modules sit in encoder.layer.{i}.
+    "word_embeddings": ("embeddings.word_embeddings",) * 2,
+    "position_embeddings": ("embeddings.position_embeddings",) * 2,
+    "token_type_embeddings": ("embeddings.token_type_embeddings",) * 2,
+    "embedding_norm": ("embeddings.LayerNorm",) * 2,
+    "attn_out": ("attention.output.dense",) * 2,
+    "attn_norm": ("attention.output.LayerNorm", "attention.LayerNorm"),
+    "ffn_in": ("intermediate.dense",) * 2,
+    "ffn_out": ("output.dense",) * 2,
+    "ffn_norm": ("output.LayerNorm", "intermediate.LayerNorm"),
+    "final_norm": (None, "LayerNorm"),
+}
+HF_CONFIG = {  # BertConfig field: (its config.json key, the default when absent; None: required)
+    "vocab_size": ("vocab_size", None), "hidden_size": ("hidden_size", None), "num_layers": ("num_hidden_layers", None),
+    "num_heads": ("num_attention_heads", None), "intermediate_size": ("intermediate_size", None),
+    "max_positions": ("max_position_embeddings", None), "type_vocab_size": ("type_vocab_size", 2),
+    "dropout": ("hidden_dropout_prob", 0.1), "attention_dropout": ("attention_probs_dropout_prob", 0.1),
+    "layer_norm_eps": ("layer_norm_eps", 1e-12)}
+
+
+def hugging_face_names(name, pre_ln):
+    """One of our encoder's parameter names -> the Hugging Face names it is made of (qkv: three, stacked)."""
+    parts = name.split(".")
+    if parts[0] != "layers":
+        return [f"{HF_MODULES[parts[0]][pre_ln]}.{parts[-1]}"]
+    _, layer, module, kind = parts
+    if module == "qkv":
+        return [f"encoder.layer.{layer}.attention.self.{part}.{kind}" for part in ("query", "key", "value")]
+    return [f"encoder.layer.{layer}.{HF_MODULES[module][pre_ln]}.{kind}"]
+
+
+def position_offset(pre_ln, pad_id):
+    """Where our position 0 sits in the Hugging Face table: RoBERTa numbers positions from pad_token_id + 1
+    (padding itself takes row pad_token_id); BERT from 0."""
+    return pad_id + 1 if pre_ln else 0
+
+
+def load_hugging_face(folder):
+    """A Hugging Face BERT or RoBERTa-PreLayerNorm folder (a base model, or one with an MLM head) as our
+    BertEncoder, its tokenizer and its pooler. Every value of config.json and every weight is checked."""
+    config_file = os.path.join(folder, "config.json")
+    hf = read_json_object(config_file)
+    if hf.get("model_type") not in ("bert", "roberta-prelayernorm"):
+        raise ValueError(f"{config_file} describes a {hf.get('model_type')!r} model, not a BERT or "
+                         f"RoBERTa-PreLayerNorm")
+    pre_ln = hf["model_type"] == "roberta-prelayernorm"
+    if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"{folder} is a BERT variant this model does not implement (hidden_act "
+                         f"{hf.get('hidden_act')!r}, position_embedding_type {hf.get('position_embedding_type')!r})")
+    missing = [key for key, default in HF_CONFIG.values() if default is None and key not in hf]
+    if missing:
+        raise ValueError(f"{config_file} lacks {', '.join(missing)}")
+    pad_id = hf.get("pad_token_id", 1 if pre_ln else 0)  # the two configs' defaults
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int) or not 0 <= pad_id < hf["max_position_embeddings"]:
+        raise ValueError(f"{config_file}: pad_token_id must be an integer below max_position_embeddings, not {pad_id!r}")
+    offset = position_offset(pre_ln, pad_id)
+    config = BertConfig(**{ours: hf.get(key, default) for ours, (key, default) in HF_CONFIG.items()}, pre_ln=pre_ln)
+    config.max_positions -= offset
+    problem = model_config_problem(config, spell=lambda name: HF_CONFIG[name][0])
+    if problem:
+        raise ValueError(f"{config_file}: {problem}")
+    weights_file, hf_state = read_hugging_face_weights(folder)
+    # Models with a head prefix the encoder's names; checkpoints converted from TensorFlow say gamma/beta
+    prefix = HF_LAYOUTS[pre_ln]["prefix"]
+    hf_state = {k.removeprefix(prefix).replace("LayerNorm.gamma", "LayerNorm.weight")
+                .replace("LayerNorm.beta", "LayerNorm.bias"): v for k, v in hf_state.items()}
+    encoder = BertEncoder(config)
+    state = {}
+    for name, expected in encoder.state_dict().items():
+        hf_names = hugging_face_names(name, pre_ln)
+        absent = [hf_name for hf_name in hf_names if hf_name not in hf_state]
+        if absent:
+            raise ValueError(f"{weights_file} lacks {absent[0]}, which {config_file} implies")
+        tensor = torch.cat([hf_state[hf_name] for hf_name in hf_names])
+        if name == "position_embeddings.weight":
+            tensor = tensor[offset:]
+        if tensor.shape != expected.shape:
+            raise ValueError(f"{weights_file}: {' + '.join(hf_names)} has shape {list(tensor.shape)}, "
+                             f"{config_file} implies {list(expected.shape)}")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{weights_file}: {hf_names[0]} holds non-finite values")
+        state[name] = tensor
+    encoder.load_state_dict(state)
+    pooler = None
+    if "pooler.dense.weight" in hf_state and "pooler.dense.bias" in hf_state:
+        pooler = {"weight": hf_state["pooler.dense.weight"], "bias": hf_state["pooler.dense.bias"]}
+        if pooler["weight"].shape != (config.hidden_size, config.hidden_size) or not all(
+                torch.isfinite(t).all() for t in pooler.values()):
+            raise ValueError(f"{weights_file}: the pooler's weights do not fit hidden_size {config.hidden_size}")
+    return encoder, load_hugging_face_tokenizer(folder), pooler
+
+
+def read_hugging_face_weights(folder):
+    """(file, state dict) from model.safetensors, or else pytorch_model.bin."""
+    safetensors_file, bin_file = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    try:
+        if os.path.isfile(safetensors_file):
+            from safetensors.torch import load_file
+            return safetensors_file, load_file(safetensors_file)
+        if os.path.isfile(bin_file):
+            return bin_file, torch.load(bin_file, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise ValueError(f"{folder} holds model.safetensors; pip install safetensors to read it")
+    except Exception as error:  # safetensors, pickle, zip and IO errors all mean the same to the user
+        raise ValueError(f"{safetensors_file if os.path.isfile(safetensors_file) else bin_file} cannot be read "
+                         f"({error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+    raise ValueError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+
+
+def load_hugging_face_tokenizer(folder):
+    """tokenizer.json when present, otherwise vocab.txt as a lower-cased BERT WordPiece tokenizer."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+    try:
+        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        elif os.path.isfile(os.path.join(folder, "vocab.txt")):
+            tokenizer = Tokenizer(models.WordPiece.from_file(os.path.join(folder, "vocab.txt"), unk_token="[UNK]"))
+            tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+            tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+            cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+            if cls is None or sep is None:
+                raise ValueError(f"{folder}/vocab.txt has no [CLS] or [SEP] token")
+            tokenizer.post_processor = processors.TemplateProcessing(
+                single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+            tokenizer.decoder = decoders.WordPiece()
+        else:
+            raise ValueError(f"{folder} has neither tokenizer.json nor vocab.txt")
+    except ValueError:
+        raise
+    except Exception as error:  # tokenizers raises its own exception types
+        raise ValueError(f"the tokenizer in {folder} cannot be read ({error})")
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def read_json_object(path):
+    """A JSON object from a file; ValueError naming the file (and line) when it is not UTF-8 JSON holding one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text")
+    except (OSError, json.JSONDecodeError) as error:  # the decode error says line and column
+        raise ValueError(f"{path} cannot be read as JSON ({error})")
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def export_hugging_face(source, folder):
+    """Writes a checkpoint (a file, or a run's newest) as a folder that stock transformers loads with
+    AutoModelForMaskedLM and AutoTokenizer, no custom code: config.json, model.safetensors with the
+    Hugging Face names (query, key and value split from our fused projection; the decoder is tied to the
+    word embeddings, as in both models) and the checkpoint's own tokenizer. Written as FOLDER.partial,
+    renamed when complete. Returns the Hugging Face architecture written."""
+    from safetensors.torch import save_file
+    file, checkpoint, _ = load_checkpoint(source)
+    config = BertConfig(**checkpoint["model_config"])
+    layout = HF_LAYOUTS[config.pre_ln]
+    tokenizer = checkpoint_tokenizer(checkpoint)
+    special = {name: tokenizer.token_to_id(f"[{name.upper()}]") for name in ("cls", "sep", "pad", "mask", "unk")}
+    offset = position_offset(config.pre_ln, special["pad"] or 0)
+    state = {}
+    for name, tensor in checkpoint["model"].items():
+        if name.startswith("encoder."):
+            name = name.removeprefix("encoder.")
+            if name == "position_embeddings.weight":  # rows before our position 0: padding, never used
+                tensor = torch.cat([torch.zeros(offset, config.hidden_size), tensor])
+            hf_names = hugging_face_names(name, config.pre_ln)
+            state.update({layout["prefix"] + hf_name: part for hf_name, part in
+                          zip(hf_names, tensor.chunk(len(hf_names)))})  # qkv: query, key, value
+        else:
+            module, _, kind = name.partition(".")
+            state[layout["head"][module] + ("." + kind if kind else "")] = tensor
+    hf_config = {"architectures": [layout["architecture"]], "model_type": layout["model_type"],
+                 **{key: getattr(config, ours) for ours, (key, _) in HF_CONFIG.items()},
+                 "max_position_embeddings": config.max_positions + offset, "hidden_act": "gelu",
+                 "position_embedding_type": "absolute", "pad_token_id": special["pad"], "bos_token_id": special["cls"],
+                 "eos_token_id": special["sep"], "tie_word_embeddings": True, "initializer_range": 0.02}
+    tokens = {f"{name}_token": f"[{name.upper()}]" for name, token_id in special.items() if token_id is not None}
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_positions,
+                        "model_input_names": ["input_ids", "token_type_ids", "attention_mask"], **tokens}
+    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+        raise ValueError(f"{folder} already exists; choose a new folder to export to")
+    partial = folder.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    save_file({name: t.clone().contiguous() for name, t in state.items()}, os.path.join(partial, "model.safetensors"),
+              metadata={"format": "pt"})
+    for name, content in (("config.json", hf_config), ("tokenizer_config.json", tokenizer_config)):
+        with open(os.path.join(partial, name), "w") as f:
+            json.dump(content, f, indent=1)
+    tokenizer.save(os.path.join(partial, "tokenizer.json"))
+    if os.path.isdir(folder):
+        os.rmdir(folder)  # empty, checked above
+    os.rename(partial, folder)
+    return layout["architecture"], file
+
+
+# -----------------------------------------------------------------------------------------------
 # The training loop
 
 STOP_SIGNALS = []  # the signal handler appends the signal number; the loop checks it every step
@@ -1463,6 +1559,58 @@ def finish(stop_reason, signal_number, last_file, write_error, state, cfg, elaps
         sys.exit(128 + signal_number)
 
 
+def init_from(cfg, model, optimizer, model_config, tokenizer_json, rank):
+    """Starts this run from another run's weights (--init-from), for a second phase: new data, length,
+    batch, optimizer, precision and schedule; the data position and the clock start afresh. Only the
+    positions may differ from the old model (resize_positions). With --init-optimizer the optimizer's
+    moments come too (GluonNLP's phase 2 does so), zero for new position rows. Returns the origin."""
+    try:
+        file, checkpoint, _ = load_checkpoint(cfg.init_from)
+    except ValueError as error:
+        fail(f"cannot start from --init-from: {error}")
+    differences = ", ".join(f"{k} {v} (now {getattr(model_config, k)})" for k, v in checkpoint["model_config"].items()
+                            if k != "max_positions" and v != getattr(model_config, k, None))
+    if differences:
+        fail(f"--init-from {file} holds a different model ({differences}); pass its --model and model flags "
+             f"(only the sequence length may change)")
+    if checkpoint_tokenizer(checkpoint).to_str() != Tokenizer.from_str(tokenizer_json).to_str():
+        fail(f"--init-from {file} was trained with another tokenizer than {cfg.data}'s; prepare the data with "
+             f"--tokenizer and the tokenizer.json of the data it was trained on")
+    weights = dict(checkpoint["model"])
+    name = "encoder.position_embeddings.weight"
+    old_rows = len(weights[name])
+    weights[name] = resize_positions(weights[name], model_config.max_positions, cfg.seed)
+    model.load_state_dict(weights)
+    moments = "start from zero"
+    if cfg.init_optimizer:
+        if (checkpoint.get("train_config") or {}).get("optimizer") != cfg.optimizer or not checkpoint.get("optimizer"):
+            fail(f"--init-optimizer needs a checkpoint of the same --optimizer {cfg.optimizer}; {file} has "
+                 f"{(checkpoint.get('train_config') or {}).get('optimizer')}")
+        state = checkpoint["optimizer"]
+        index = [id(p) for group in optimizer.param_groups for p in group["params"]].index(
+            id(model.encoder.position_embeddings.weight))
+        for key, value in state["state"].get(index, {}).items():
+            if torch.is_tensor(value) and value.ndim == 2:  # exp_avg, exp_avg_sq: zero for rows never trained
+                state["state"][index][key] = resize_positions(value, model_config.max_positions, None)
+        optimizer.load_state_dict(state)
+        moments = "carried over"
+    step = (checkpoint.get("state") or {}).get("step")
+    log(f"initialised from {file} (step {step}): {old_rows} -> {model_config.max_positions} positions; optimizer "
+        f"moments {moments}", rank)
+
+
+def resize_positions(table, rows, seed):
+    """A position table (positions, hidden) with `rows` rows: the first ones kept, extra rows drawn as BERT
+    draws every weight, normal(0, 0.02) from `seed` (zeros when seed is None: for optimizer moments). That
+    is where BERT's own phase 2 starts its positions 128-511 from: its phase 1 never reaches them."""
+    if rows <= len(table):
+        return table[:rows].clone()
+    extra = torch.zeros(rows - len(table), table.shape[1], dtype=table.dtype)
+    if seed is not None:
+        extra.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([table, extra])
+
+
 def train(cfg):
     check_flags(cfg)
     rank, world_size, device = setup_processes()
@@ -1482,8 +1630,10 @@ def train(cfg):
     # --- where to start: a fresh run, or exactly where a checkpoint left off
     on_rank0(rank, world_size, lambda: prepare_output(cfg))  # one writer per --out
     state = dict(step=0, epoch=0, step_in_epoch=0, sequences_seen=0, elapsed_s=0.0, skipped_steps=0)
-    if cfg.resume:
+    if cfg.resume:  # a second phase resumes its own checkpoints: --init-from only starts it
         state = resume(cfg, model, optimizer, scaler, model_config, data_sha256, rank, world_size, device)
+    elif cfg.init_from:
+        init_from(cfg, model, optimizer, model_config, tokenizer_json, rank)
     elapsed_before_s = state["elapsed_s"]
 
     def elapsed_s():  # time spent against the budget, over all resumed runs
@@ -1612,14 +1762,28 @@ def parse_args(argv=None):
         if f.name in MODEL_FLAGS:
             group.add_argument("--" + f.name.replace("_", "-"), default=None,
                                type=parse_bool if isinstance(f.default, bool) else type(f.default))
+    commands = parser.add_argument_group("instead of training")
+    commands.add_argument("--export-hf", nargs=2, metavar=("CHECKPOINT_OR_RUN", "DIR"),
+                          help="write a checkpoint as a Hugging Face folder (BertForMaskedLM for post-LN models, "
+                               "RobertaPreLayerNormForMaskedLM for pre-LN ones) and exit")
     args = vars(parser.parse_args(argv))
+    export = args.pop("export_hf")
     overrides = {name: args.pop(name) for name in MODEL_FLAGS}
-    return TrainConfig(**args, model_overrides={k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**args, model_overrides={k: v for k, v in overrides.items() if v is not None}), export
 
 
 def main(argv=None):
+    cfg, export = parse_args(argv)
+    if export:
+        try:
+            architecture, file = export_hugging_face(*export)
+        except (ValueError, OSError) as error:
+            fail(f"cannot export: {error}")
+        print(f"wrote {export[1]}: {architecture} from {file}; load it with transformers' "
+              f"AutoModelForMaskedLM.from_pretrained and AutoTokenizer.from_pretrained")
+        return
     try:
-        train(parse_args(argv))
+        train(cfg)
     finally:  # a process lets its locks go when it ends; a caller in the same process needs them let go now
         while OUTPUT_LOCKS:
             OUTPUT_LOCKS.pop().close()
