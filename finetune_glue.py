@@ -7,14 +7,20 @@ seeds, chooses the configuration with the best median dev score and reports that
 run is added to OUT/results.json as soon as it ends, and running the same command again skips it.
 OUT/results.md is the table to read. OUT/submission/ holds the chosen runs' test-set predictions in the
 GLUE server's format, ready to zip and upload.
+
+Several processes can share one sweep: start the same command more than once on one --out, or once per
+GPU with `torchrun --nproc_per_node 8 finetune_glue.py ...`. Each takes the runs that no other has taken.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 
@@ -45,6 +51,18 @@ class Config:
     max_grad_norm: float = 1.0
     head_dropout: float = 0.1
     eval_batch_size: int = 128
+
+
+# What each numeric flag allows, checked before any work: (test, words for the error). The tests are
+# False for NaN, and a learning rate above 1 only ever diverges.
+FLAG_RANGES = {
+    "lr": (lambda value: 0 < value <= 1, "positive numbers up to 1"),
+    "batch": (lambda value: 1 <= value <= 8192, "positive numbers up to 8192"),
+    "epochs": (lambda value: 1 <= value <= 100, "positive numbers up to 100"),
+    "seeds": (lambda value: 1 <= value <= 100, "positive numbers up to 100"),
+    "max_train_examples": (lambda value: value >= 1, "positive numbers"),
+}
+POLL_SECONDS = 2  # how often a process that waits for other processes' MNLI runs looks again
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -118,22 +136,33 @@ def dev_splits(task):
 # numbers, floats for STS-B, None for test sets) and index (test sets: the id to submit).
 
 def read_tsv(path):
-    """Rows of a GLUE TSV file as lists of fields. GLUE's files are not CSV: quotes are plain text."""
+    """(line number, fields) of each non-blank line of a GLUE TSV file. GLUE's files are not CSV: quotes
+    are plain text."""
     if not os.path.isfile(path):
         fail(f"{path} is missing; --glue-dir must hold GLUE's task folders (CoLA/, SST-2/, ...) with their TSV files.")
-    with open(path, encoding="utf-8-sig") as f:  # utf-8-sig drops the byte-order mark MRPC's files start with
-        lines = f.read().split("\n")
-    return [line.rstrip("\r").split("\t") for line in lines if line.strip()]
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as error:
+        fail(f"cannot read {path} ({error.strerror}); make it readable, or pass another --glue-dir.")
+    try:
+        text = raw.decode("utf-8-sig")  # utf-8-sig drops the byte-order mark MRPC's files start with
+    except UnicodeDecodeError as error:
+        line_number = raw.count(b"\n", 0, error.start) + 1
+        fail(f"{path} line {line_number} is not UTF-8 text; convert the file to UTF-8, as GLUE's files are.")
+    lines = enumerate(text.split("\n"), start=1)
+    return [(line_number, line.rstrip("\r").split("\t")) for line_number, line in lines if line.strip()]
 
 
 def read_split(task, path, has_labels):
-    """One split from its TSV file; a file without the task's columns or labels stops with one line."""
+    """One split from its TSV file; a file without the task's columns, or with a value that the task
+    cannot have, stops with one line that names the file and the line."""
     spec = TASKS[task]
-    rows = read_tsv(path)
+    lines = read_tsv(path)
     if task == "cola" and has_labels:  # no header row
-        positions, first_row = spec["columns"], 1
+        positions = spec["columns"]
     else:
-        header, rows, first_row = rows[0] if rows else [], rows[1:], 2
+        header, lines = lines[0][1] if lines else [], lines[1:]
         names = spec["columns"] if has_labels else spec.get("test_columns", spec["columns"][:2])
         if not has_labels:
             names = (*names, "id" if task == "qqp" else "index")
@@ -141,30 +170,37 @@ def read_split(task, path, has_labels):
         if missing:
             fail(f"{path} has no column {missing[0]!r} in its header; use the files of GLUE's {spec['folder']} task.")
         positions = [header.index(name) if name is not None else None for name in names]
-    if not rows:
+    if not lines:
         fail(f"{path} has no examples; use the files of GLUE's {spec['folder']} task.")
     needed = max(p for p in positions if p is not None) + 1
-    for line_number, row in enumerate(rows, start=first_row):
+    for line_number, row in lines:
         if len(row) < needed:
             fail(f"{path} line {line_number} has {len(row)} tab-separated fields, not {needed}; the file is malformed.")
     text_a, text_b, last = positions
-    split = dict(text_a=[row[text_a] for row in rows],
-                 text_b=[row[text_b] for row in rows] if text_b is not None else None, labels=None, index=None)
-    if not has_labels:
-        split["index"] = [row[last] for row in rows]
-        return split
-    labels = [row[last] for row in rows]
-    if spec["labels"] is None:
-        try:
-            split["labels"] = [float(label) for label in labels]
-        except ValueError:
-            fail(f"{path} has a score that is not a number; the file is malformed.")
+    split = dict(text_a=[row[text_a] for _, row in lines],
+                 text_b=[row[text_b] for _, row in lines] if text_b is not None else None, labels=None, index=None)
+    if has_labels:
+        split["labels"] = [read_label(task, path, line_number, row[last]) for line_number, row in lines]
     else:
-        unknown = sorted(set(labels) - set(spec["labels"]))
-        if unknown:
-            fail(f"{path} has the label {unknown[0]!r}, not one of {spec['labels']}; the file is malformed.")
-        split["labels"] = [spec["labels"].index(label) for label in labels]
+        split["index"] = [row[last] for _, row in lines]
     return split
+
+
+def read_label(task, path, line_number, text):
+    """A label as its number in TASKS' list, or an STS-B score as a float from 0 to 5."""
+    labels = TASKS[task]["labels"]
+    if labels is None:
+        try:
+            score = float(text)
+        except ValueError:
+            score = math.nan
+        if not 0 <= score <= 5:  # False for the "nan" and "inf" that float() accepts, too
+            fail(f"{path} has a score that is not a number from 0 to 5 on line {line_number} ({text!r}); "
+                 "the file is malformed.")
+        return score
+    if text not in labels:
+        fail(f"{path} has the label {text!r} on line {line_number}, not one of {labels}; the file is malformed.")
+    return labels.index(text)
 
 
 def read_task(cfg, task):
@@ -201,7 +237,27 @@ def read_task_from_hub(task):
         data[split] = dict(text_a=list(rows[column_a]), text_b=list(rows[column_b]) if column_b else None,
                            labels=list(rows["label"]) if has_labels else None,  # same numbering as TASKS' labels
                            index=None if has_labels else [str(i) for i in rows["idx"]])
+        problem = hub_split_problem(task, data[split])
+        if problem:
+            fail(f"GLUE's {task} {split} split from the Hugging Face hub {problem}; delete it from the datasets "
+                 "cache (~/.cache/huggingface/datasets) to download it again, or download GLUE and pass --glue-dir.")
     return data
+
+
+def hub_split_problem(task, split):
+    """What is wrong with a split from the hub, in words, or None: texts must be strings and labels valid."""
+    for column in ("text_a", "text_b"):
+        for row, text in enumerate(split[column] or []):
+            if not isinstance(text, str):
+                return f"has {text!r} as the text of row {row}"
+    for row, label in enumerate(split["labels"] or []):
+        if TASKS[task]["labels"] is None:
+            valid = isinstance(label, (int, float)) and 0 <= label <= 5
+        else:
+            valid = isinstance(label, int) and 0 <= label < len(TASKS[task]["labels"])
+        if not valid:
+            return f"has the label {label!r} in row {row}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -386,7 +442,8 @@ def show_progress(label, examples_done, examples_total, seconds):
 
 def fine_tune(cfg, task, train, encoder, pooler_state, lr, batch_size, epochs, seed, device, label):
     """Fine-tune a copy of the encoder on a tokenized training split with one configuration and seed.
-    Returns the model and the training time in seconds."""
+    Returns the model, the training time in seconds and the number of optimizer steps skipped because
+    their loss or gradient was not finite."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     num_outputs = 1 if TASKS[task]["labels"] is None else len(TASKS[task]["labels"])
@@ -394,7 +451,7 @@ def fine_tune(cfg, task, train, encoder, pooler_state, lr, batch_size, epochs, s
     optimizer = make_optimizer(model, lr, cfg.weight_decay)
     total_steps = epochs * math.ceil(len(train["lengths"]) / batch_size)
     warmup_steps = int(cfg.warmup_fraction * total_steps)
-    examples_total, examples_done, step = epochs * len(train["lengths"]), 0, 0
+    examples_total, examples_done, step, skipped_steps = epochs * len(train["lengths"]), 0, 0, 0
     started = time.time()
     model.train()
     for _ in range(epochs):
@@ -410,8 +467,13 @@ def fine_tune(cfg, task, train, encoder, pooler_state, lr, batch_size, epochs, s
                 loss = F.cross_entropy(outputs.float(), batch["labels"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            # One NaN or inf in a step would make every weight NaN: skip such a step instead. (Asking
+            # costs a wait for the GPU each step, little next to the step itself.)
+            if torch.isfinite(loss) and torch.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                skipped_steps += 1
             step += 1
             examples_done += len(rows)
             show_progress(label, examples_done, examples_total, time.time() - started)
@@ -420,54 +482,180 @@ def fine_tune(cfg, task, train, encoder, pooler_state, lr, batch_size, epochs, s
     train_seconds = time.time() - started
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    return model, train_seconds
+    return model, train_seconds, skipped_steps
 
 
 # ---------------------------------------------------------------------------------------------------
 # The sweep: results.json holds every finished run; the choice of configuration and the reports are
-# recomputed from it after every run, so an interrupted sweep loses only the run in progress.
+# recomputed from it after every run, so an interrupted sweep loses only the runs in progress.
+#
+# Several processes can share one sweep. A process claims each run before it starts it, with a
+# non-blocking flock on OUT/runs/<task>/<run>/.claim, and skips the runs that are recorded or claimed by
+# another process. The kernel drops a flock when its process ends, however it ends (crash, kill -9,
+# Ctrl-C), so the run of a dead process is free again: there are no stale claims to clean up.
+# results.json, results.md and submission/ change only under an exclusive flock on
+# OUT/.results.lock, by read-merge-write: read results.json again, add the finished run unless it is
+# there already, replace the file. On a shared filesystem: Linux turns flock on NFSv4 into byte-range
+# locks that every client sees, so processes on several machines can share a sweep; a filesystem
+# without locks refuses flock, and the process stops with one line.
 
-def settings(cfg):
-    """What makes runs comparable: one output folder holds runs made with one set of these."""
-    return dict(checkpoint=os.path.abspath(cfg.checkpoint), max_train_examples=cfg.max_train_examples,
-                from_mnli=cfg.from_mnli, max_seq_len=cfg.max_seq_len, warmup_fraction=cfg.warmup_fraction,
-                weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, head_dropout=cfg.head_dropout)
+def settings(cfg, origin):
+    """What makes runs comparable: one output folder holds runs made with one set of these. The
+    checkpoint is known by its step and weights, not by its path, which may hold other weights later."""
+    return dict(checkpoint=origin["file"], checkpoint_step=origin["step"], checkpoint_sha256=origin["weights_sha256"],
+                max_train_examples=cfg.max_train_examples, from_mnli=cfg.from_mnli, max_seq_len=cfg.max_seq_len,
+                warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                head_dropout=cfg.head_dropout)
 
 
-def load_results(cfg):
+def checkpoint_identity(settings):
+    """The checkpoint of a settings dict in words a person can compare: step and start of the weights' hash."""
+    step = "" if settings.get("checkpoint_step") is None else f"step {settings['checkpoint_step']}, "
+    return f"{step}weights sha256 {str(settings.get('checkpoint_sha256') or 'unknown')[:12]}"
+
+
+# The fields of a run record that the sweep reads back, and their types.
+RUN_FIELDS = {"task": str, "lr": (int, float), "batch_size": int, "epochs": int, "seed": int, "init": str,
+              "metrics": dict, "score": (int, float), "run_dir": str}
+
+
+def results_problem(results):
+    """What makes the contents of a results.json unusable, in words, or None."""
+    if not isinstance(results, dict) or not isinstance(results.get("settings"), dict) \
+            or not isinstance(results.get("runs"), list):
+        return "does not hold the settings and runs of a finetune_glue.py sweep"
+    for number, run in enumerate(results["runs"], start=1):
+        invalid = [key for key, kind in RUN_FIELDS.items()
+                   if not isinstance(run, dict) or not isinstance(run.get(key), kind)]
+        if invalid:
+            return f"has a run (number {number}) without a valid {invalid[0]!r}"
+        if run["task"] not in TASKS or not all(isinstance(value, (int, float)) and math.isfinite(value)
+                                               for value in (run["lr"], run["score"], *run["metrics"].values())):
+            return f"has a run (number {number}) with an unknown task, or a score that is not a finite number"
+    return None
+
+
+def read_results(cfg, origin):
+    """OUT/results.json, or an empty sweep when there is none. A file that is not one, or that holds runs
+    of another checkpoint or other settings, stops the sweep with one line. Reading needs no lock: the
+    file is only ever replaced whole."""
     path = os.path.join(cfg.out, "results.json")
+    ours = settings(cfg, origin)
     if not os.path.exists(path):
-        return dict(settings=settings(cfg), runs=[])
+        return dict(settings=ours, runs=[])
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             results = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         fail(f"{path} is not valid JSON; move it away to start over, or pass a new --out.")
-    differing = [name for name, value in settings(cfg).items() if results.get("settings", {}).get(name) != value]
+    problem = results_problem(results)
+    if problem:
+        fail(f"{path} {problem}; move it away to start over, or pass a new --out.")
+    theirs = results["settings"]
+    identity = ("checkpoint_step", "checkpoint_sha256")
+    if [theirs.get(name) for name in identity] != [ours[name] for name in identity]:
+        fail(f"{cfg.out} holds runs made from another checkpoint ({checkpoint_identity(theirs)}) than {cfg.checkpoint} "
+             f"({checkpoint_identity(ours)}); use a new --out for this one.")
+    differing = [name for name, value in ours.items() if name != "checkpoint" and theirs.get(name) != value]
     if differing:
         fail(f"{cfg.out} holds runs made with another {differing[0].replace('_', ' ')}; pass a new --out.")
     return results
 
 
 def save_results(cfg, results):
+    """Replaces results.json at once (a temporary file, then a rename), so that no reader and no crash ever
+    sees half a file. allow_nan=False: the last guard against a non-finite score."""
     path = os.path.join(cfg.out, "results.json")
     with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)  # atomic: a crash while writing never loses the finished runs
+        json.dump(results, f, indent=1, allow_nan=False)
+    os.replace(path + ".tmp", path)
+
+
+def run_key(run):
+    return run["task"], run["lr"], run["batch_size"], run["epochs"], run["seed"]
+
+
+def lock_failed(path, error):
+    fail(f"cannot lock {path} ({error.strerror}); use an --out that you can write to, on a filesystem with "
+         "file locks (a local disk, or NFSv4).")
+
+
+@contextlib.contextmanager
+def results_lock(cfg):
+    """Holds the exclusive flock on OUT/.results.lock while the block runs; other processes wait for it,
+    which takes the time of a read-merge-write: milliseconds. (Hidden: deleting a lock file that a
+    process holds would let a second writer in.)"""
+    path = os.path.join(cfg.out, ".results.lock")
+    try:
+        lock_file = open(path, "a")
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+    except OSError as error:
+        lock_failed(path, error)
+    with lock_file:  # closing the file releases the lock
+        yield
+
+
+def claim(path):
+    """The open claim file of a run, holding a non-blocking exclusive flock, or None when another live
+    process holds it. The claim lasts until the file is closed or this process ends."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        claim_file = open(path, "a+")
+    except OSError as error:
+        lock_failed(path, error)
+    try:
+        fcntl.flock(claim_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        claim_file.close()
+        return None
+    except OSError as error:
+        lock_failed(path, error)
+    claim_file.truncate(0)
+    claim_file.write(worker() + "\n")  # who holds it, for the messages of processes that wait for it
+    claim_file.flush()
+    return claim_file
+
+
+def claim_holder(path):
+    """Who holds a claim, as its holder wrote it into the claim file (for messages only)."""
+    try:
+        with open(path) as f:
+            return f.read().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+def record_run(cfg, origin, record, staging_dir):
+    """Under the results lock: adds a finished run to results.json, unless a process that ran it too has
+    recorded it already, moves its files from staging_dir into its run folder, and rebuilds results.md and
+    submission/. Returns whether the run was added."""
+    with results_lock(cfg):
+        results = read_results(cfg, origin)
+        added = run_key(record) not in {run_key(run) for run in results["runs"]}
+        if added:
+            for name in os.listdir(staging_dir):
+                os.replace(os.path.join(staging_dir, name), os.path.join(cfg.out, record["run_dir"], name))
+            results["runs"].append(record)
+            save_results(cfg, results)
+            write_reports(cfg, results)
+    shutil.rmtree(staging_dir, ignore_errors=True)
+    return added
 
 
 def median_run(runs):
     """The run with the median score (with an even number of runs, the lower of the middle two)."""
-    return sorted(runs, key=lambda run: run["score"])[(len(runs) - 1) // 2]
+    return sorted(runs, key=lambda run: (run["score"], run["seed"]))[(len(runs) - 1) // 2]
 
 
 def choose(runs):
     """The paper's protocol: each configuration's median run over seeds; the best of those medians.
-    Returns (that run, number of seeds of its configuration)."""
+    Returns (that run, number of seeds of its configuration). Ties go to the lower seed and the smaller
+    configuration, whatever order the runs were recorded in: processes that share a sweep record them
+    in any order, and must all choose the same MNLI run to start from."""
     by_config = {}
     for run in runs:
         by_config.setdefault((run["lr"], run["batch_size"], run["epochs"]), []).append(run)
-    best = max(by_config.values(), key=lambda group: median_run(group)["score"])
+    best = max(sorted(by_config.items()), key=lambda item: median_run(item[1])["score"])[1]
     return median_run(best), len(best)
 
 
@@ -476,12 +664,14 @@ def format_metrics(metrics):
 
 
 def write_reports(cfg, results):
-    """OUT/results.md and OUT/submission/ from every run recorded so far."""
+    """OUT/results.md and OUT/submission/ from every run recorded so far. Each file is written beside its
+    place and renamed into it, so that none is ever left half-written."""
     submission_dir = os.path.join(cfg.out, "submission")
     os.makedirs(submission_dir, exist_ok=True)
     lines = ["# GLUE dev results", "",
-             f"Checkpoint `{results['settings']['checkpoint']}`. Per task: the configuration whose median dev "
-             "score over seeds is best, and the metrics of its median run (the run in `submission/`).", "",
+             f"Checkpoint `{results['settings']['checkpoint']}` ({checkpoint_identity(results['settings'])}). "
+             "Per task: the configuration whose median dev score over seeds is best, and the metrics of its "
+             "median run (the run in `submission/`).", "",
              "| task | metrics | chosen lr, batch, epochs | seeds | dev (median run) | score "
              "| 24hBERT (paper, test) | BERT-base (paper, test) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -493,9 +683,10 @@ def write_reports(cfg, results):
         run, seeds = choose(runs)
         scores.append(run["score"])
         for file_name in TASKS[task]["test_files"].values():
-            source = os.path.join(cfg.out, run["run_dir"], file_name)
+            source, target = os.path.join(cfg.out, run["run_dir"], file_name), os.path.join(submission_dir, file_name)
             if os.path.exists(source):
-                shutil.copyfile(source, os.path.join(submission_dir, file_name))
+                shutil.copyfile(source, target + ".tmp")
+                os.replace(target + ".tmp", target)
         init = " (from MNLI)" if run["init"] != "pretrained" else ""
         lines.append(f"| {TASKS[task]['folder']} | {' / '.join(run['metrics'])} "
                      f"| {run['lr']:g}, {run['batch_size']}, {run['epochs']}{init} | {seeds} "
@@ -508,8 +699,10 @@ def write_reports(cfg, results):
               "The reference figures are GLUE test-server scores (MRPC and QQP F1, STS-B Pearson): BERT-base "
               "from Devlin et al. (2019) Table 1, 24hBERT as Papers with Code lists the paper's results; "
               "they are for orientation only, dev and test sets differ.", ""]
-    with open(os.path.join(cfg.out, "results.md"), "w") as f:
+    path = os.path.join(cfg.out, "results.md")
+    with open(path + ".tmp", "w") as f:
         f.write("\n".join(lines))
+    os.replace(path + ".tmp", path)
 
 
 def write_predictions(path, task, index, outputs):
@@ -522,60 +715,124 @@ def write_predictions(path, task, index, outputs):
             f.write(f"{row_index}\t{prediction}\n")
 
 
-def start_model(cfg, task, results, encoder, pooler_state):
+def start_model(cfg, task, origin, encoder, pooler_state):
     """(encoder, pooler weights, name) a task starts from: the pretrained ones, or with --from-mnli
     for RTE, MRPC and STS-B, those of the chosen MNLI run."""
     if not (cfg.from_mnli and task in FROM_MNLI_TASKS):
         return encoder, pooler_state, "pretrained"
-    mnli_runs = [run for run in results["runs"] if run["task"] == "mnli"]
+    mnli_runs = [run for run in read_results(cfg, origin)["runs"] if run["task"] == "mnli"]
     if not mnli_runs:
         fail(f"--from-mnli needs finished MNLI runs in {cfg.out} before {task}; add mnli to --task.")
     run_dir = choose(mnli_runs)[0]["run_dir"]
     path = os.path.join(cfg.out, run_dir, "model.pt")
+    redo = (f"delete {os.path.join(cfg.out, 'runs', 'mnli')} and its runs in results.json, "
+            "then run mnli again with --from-mnli.")
     if not os.path.isfile(path):
-        fail(f"{path} is missing; delete {os.path.join(cfg.out, 'runs', 'mnli')} and its runs in results.json, "
-             "then run mnli again with --from-mnli.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    encoder = copy.deepcopy(encoder)
-    encoder.load_state_dict(state["encoder"])
+        fail(f"{path} is missing; {redo}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        encoder = copy.deepcopy(encoder)
+        encoder.load_state_dict(state["encoder"])
+        hidden_size = encoder.config.hidden_size
+        nn.Linear(hidden_size, hidden_size).load_state_dict(state["pooler"])  # the shapes GlueModel needs
+    except Exception as error:  # pickle, zip, IO, missing keys, wrong shapes: the user's fix is the same
+        fail(f"{path} cannot be read or does not fit the encoder of {cfg.checkpoint} ({type(error).__name__}); {redo}")
     return encoder, state["pooler"], f"mnli:{run_dir}"
 
 
-def sweep_task(cfg, task, data, tokenizer, encoder, pooler_state, results, device):
-    """Every configuration and seed of the grid not yet recorded, one after another."""
-    done = {(run["lr"], run["batch_size"], run["epochs"], run["seed"]) for run in results["runs"] if run["task"] == task}
-    grid = [(lr, batch_size, epochs, seed) for lr in cfg.learning_rates for batch_size in cfg.batch_sizes
-            for epochs in cfg.epochs for seed in range(cfg.seeds)]
-    todo = [run for run in grid if run not in done]
-    print(f"{task}: {len(grid) - len(todo)} of {len(grid)} runs already recorded, {len(todo)} to go")
-    if not todo:
-        return
-    tokens = {split: tokenize(tokenizer, split_data) for split, split_data in data.items()}
-    encoder, pooler_state, init = start_model(cfg, task, results, encoder, pooler_state)
-    for lr, batch_size, epochs, seed in todo:
+def run_folder(task, lr, batch_size, epochs, seed):
+    """A run's folder in OUT: its claim, its test-set predictions and (MNLI, with --from-mnli) its model."""
+    return os.path.join("runs", task, f"lr{lr:g}-batch{batch_size}-epochs{epochs}-seed{seed}")
+
+
+def run_one(cfg, task, run, data, tokens, start, origin, device):
+    """Claims one run of the grid, fine-tunes and scores it, and records it. Returns False, having done
+    nothing, when another process holds its claim or has recorded it meanwhile."""
+    lr, batch_size, epochs, seed = run
+    run_dir = run_folder(task, *run)
+    claim_file = claim(os.path.join(cfg.out, run_dir, ".claim"))
+    if claim_file is None:
+        return False
+    with claim_file:  # closing it frees the claim, after the run is recorded
+        if (task, *run) in {run_key(other) for other in read_results(cfg, origin)["runs"]}:
+            return False  # recorded by its previous holder since this process looked
+        encoder, pooler_state, init = start
         label = f"{task} lr={lr:g} batch={batch_size} epochs={epochs} seed={seed}"
-        model, train_seconds = fine_tune(cfg, task, tokens["train"], encoder, pooler_state,
-                                         lr, batch_size, epochs, seed, device, label)
+        model, train_seconds, skipped_steps = fine_tune(cfg, task, tokens["train"], encoder, pooler_state,
+                                                        lr, batch_size, epochs, seed, device, label)
         outputs = {split: predict(model, tokens[split], cfg.eval_batch_size, device) for split in tokens if split != "train"}
+        steps = epochs * math.ceil(len(tokens["train"]["lengths"]) / batch_size)
+        # A diverged run is no result: its scores would look like a model that learned nothing.
+        if skipped_steps == steps:
+            fail(f"{label} diverged: all {steps} of its optimizer steps had a non-finite loss or gradient; "
+                 f"leave out --lr {lr:g}, or use lower learning rates.")
+        if not all(np.isfinite(split_outputs).all() for split_outputs in outputs.values()):
+            fail(f"{label} diverged: its model outputs non-finite numbers; leave out --lr {lr:g}, or use lower "
+                 "learning rates.")
         predictions = {split: outputs[split].argmax(-1) if TASKS[task]["labels"] else outputs[split][:, 0]
                        for split in dev_splits(task)}
         metrics = dev_metrics(task, predictions, data)
-        run_dir = os.path.join("runs", task, f"lr{lr:g}-batch{batch_size}-epochs{epochs}-seed{seed}")
-        os.makedirs(os.path.join(cfg.out, run_dir), exist_ok=True)
+        # The run's files go to a staging folder first: the run folder only ever holds a recorded run's files.
+        staging_dir = os.path.join(cfg.out, run_dir, ".staging")
+        shutil.rmtree(staging_dir, ignore_errors=True)  # a dead holder's, if any
+        os.makedirs(staging_dir)
         for split, file_name in TASKS[task]["test_files"].items():
             if split in data:
-                write_predictions(os.path.join(cfg.out, run_dir, file_name), task, data[split]["index"], outputs[split])
+                write_predictions(os.path.join(staging_dir, file_name), task, data[split]["index"], outputs[split])
         if cfg.from_mnli and task == "mnli":  # the start of RTE, MRPC and STS-B, should this run be chosen
             torch.save(dict(encoder=model.encoder.state_dict(), pooler=model.pooler.state_dict()),
-                       os.path.join(cfg.out, run_dir, "model.pt"))
+                       os.path.join(staging_dir, "model.pt"))
         examples_per_s = epochs * len(tokens["train"]["lengths"]) / train_seconds
-        results["runs"].append(dict(task=task, lr=lr, batch_size=batch_size, epochs=epochs, seed=seed, init=init,
-                                    metrics=metrics, score=task_score(metrics), train_seconds=round(train_seconds, 3),
-                                    examples_per_s=round(examples_per_s, 1), run_dir=run_dir,
-                                    finished_at=time.strftime("%Y-%m-%dT%H:%M:%S")))
-        save_results(cfg, results)
-        write_reports(cfg, results)
-        print(f"{label}: {format_metrics(metrics)} ({train_seconds / 60:.1f} min, {examples_per_s:.0f} examples/s)")
+        record = dict(task=task, lr=lr, batch_size=batch_size, epochs=epochs, seed=seed, init=init, metrics=metrics,
+                      score=task_score(metrics), skipped_steps=skipped_steps, train_seconds=round(train_seconds, 3),
+                      examples_per_s=round(examples_per_s, 1), run_dir=run_dir, checkpoint_step=origin["step"],
+                      checkpoint_sha256=origin["weights_sha256"], worker=worker(),
+                      finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        if not record_run(cfg, origin, record, staging_dir):
+            print(f"{label}: recorded meanwhile by another process; this process's result is dropped", flush=True)
+            return True
+    skipped = f", {skipped_steps} non-finite steps skipped" if skipped_steps else ""
+    print(f"{label}: {format_metrics(metrics)} ({train_seconds / 60:.1f} min, {examples_per_s:.0f} examples/s"
+          f"{skipped}, by {worker()})", flush=True)
+    return True
+
+
+def sweep_task(cfg, task, data, tokenizer, encoder, pooler_state, origin, device):
+    """Every run of the grid that is neither recorded nor claimed by another process, one after another.
+    With --from-mnli the MNLI sweep then waits for the MNLI runs of other processes (and takes over any
+    whose process dies), so that RTE, MRPC and STS-B start from the best run of the complete grid."""
+    grid = [(lr, batch_size, epochs, seed) for lr in cfg.learning_rates for batch_size in cfg.batch_sizes
+            for epochs in cfg.epochs for seed in range(cfg.seeds)]
+
+    def unrecorded():
+        recorded = {run_key(run) for run in read_results(cfg, origin)["runs"]}
+        return [run for run in grid if (task, *run) not in recorded]
+
+    todo = unrecorded()
+    print(f"{task}: {len(grid) - len(todo)} of {len(grid)} runs already recorded, {len(todo)} to go", flush=True)
+    if not todo:
+        return
+    start = start_model(cfg, task, origin, encoder, pooler_state)
+    tokens = {split: tokenize(tokenizer, split_data) for split, split_data in data.items()}
+    wait_for_all = cfg.from_mnli and task == "mnli" and any(other in cfg.tasks for other in FROM_MNLI_TASKS)
+    waiting_for = None
+    while todo:
+        ran_any = False
+        for run in todo:
+            ran_any = run_one(cfg, task, run, data, tokens, start, origin, device) or ran_any
+        todo = unrecorded()
+        if ran_any or not todo:
+            continue  # look again: a run that another process held may be free now
+        holders = sorted({claim_holder(os.path.join(cfg.out, run_folder(task, *run), ".claim")) for run in todo})
+        if not wait_for_all:
+            print(f"{task}: {len(todo)} of {len(grid)} runs are left to the processes that hold them: "
+                  f"{', '.join(holders)}", flush=True)
+            return
+        if holders != waiting_for:
+            print(f"{task}: waiting for {len(todo)} of {len(grid)} runs, held by {', '.join(holders)}: RTE, MRPC and "
+                  "STS-B start from the best run of the complete MNLI grid", flush=True)
+            waiting_for = holders
+        time.sleep(POLL_SECONDS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -595,7 +852,13 @@ def parse_args(argv):
     parser.add_argument("--max-train-examples", type=int, help="train on the first N training rows only")
     parser.add_argument("--from-mnli", action="store_true",
                         help="start RTE, MRPC and STS-B from the chosen MNLI run (runs mnli first)")
+    parser.error = lambda message: fail(f"{message}; see --help.")  # one line, exit status 1, as for every mistake
     args = parser.parse_args(argv)
+    for name, (allowed, words) in FLAG_RANGES.items():
+        values = getattr(args, name)
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if value is not None and not allowed(value):
+                fail(f"--{name.replace('_', '-')} {value} is out of range; pass {words}.")
     tasks = []
     for name in args.task:
         for task in TASKS if name.lower() == "all" else [name.lower()]:
@@ -606,22 +869,49 @@ def parse_args(argv):
     if args.from_mnli and "mnli" in tasks:  # the other tasks start from its result
         tasks.remove("mnli")
         tasks.insert(0, "mnli")
-    numbers = [*args.lr, *args.batch, *args.epochs, args.seeds, args.max_train_examples or 1]
-    if min(numbers) <= 0:
-        fail("--lr, --batch, --epochs, --seeds and --max-train-examples take positive numbers.")
     return Config(checkpoint=args.checkpoint, tasks=tuple(tasks), out=args.out, glue_dir=args.glue_dir,
-                  learning_rates=tuple(args.lr), batch_sizes=tuple(args.batch), epochs=tuple(args.epochs),
-                  seeds=args.seeds, max_train_examples=args.max_train_examples, from_mnli=args.from_mnli)
+                  learning_rates=tuple(dict.fromkeys(args.lr)), batch_sizes=tuple(dict.fromkeys(args.batch)),
+                  epochs=tuple(dict.fromkeys(args.epochs)), seeds=args.seeds,  # dict.fromkeys: each value once
+                  max_train_examples=args.max_train_examples, from_mnli=args.from_mnli)
+
+
+def worker():
+    """Who runs a run, for its record and the log: host:pid, and torchrun's LOCAL_RANK when it is set."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    return f"{socket.gethostname()}:{os.getpid()}" + (f" LOCAL_RANK={local_rank}" if local_rank is not None else "")
+
+
+def pick_device():
+    """cuda:LOCAL_RANK when there are GPUs (torchrun starts one process per GPU and sets LOCAL_RANK;
+    alone, a process takes GPU 0), the CPU otherwise. The processes share nothing but files in --out."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank, gpus = os.environ.get("LOCAL_RANK", "0"), torch.cuda.device_count()
+    if not local_rank.isdigit() or int(local_rank) >= gpus:
+        fail(f"LOCAL_RANK={local_rank} names none of this machine's {gpus} GPUs; start at most {gpus} processes "
+             f"(torchrun --nproc_per_node {gpus}).")
+    device = torch.device("cuda", int(local_rank))
+    torch.cuda.set_device(device)  # what autocast's bf16 check and synchronize() ask about
+    return device
 
 
 def main(argv=None):
     cfg = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        sweep(cfg)
+    except KeyboardInterrupt:
+        fail(f"interrupted; the finished runs are in {os.path.join(cfg.out, 'results.json')}; "
+             "run the same command to go on.")
+
+
+def sweep(cfg):
+    """Checks every input, then sweeps each task in turn; prints results.md at the end."""
+    device = pick_device()
     if not os.path.exists(cfg.checkpoint):
         fail(f"checkpoint {cfg.checkpoint} does not exist; pass a train_bert.py checkpoint or a Hugging Face BERT directory.")
     data = {task: read_task(cfg, task) for task in cfg.tasks}  # all first: a bad file stops us before hours of training
     try:
-        encoder, tokenizer, pooler_state, _ = load_pretrained(cfg.checkpoint)
+        encoder, tokenizer, pooler_state, origin = load_pretrained(cfg.checkpoint)
     except ValueError as error:
         fail(str(error))
     encoding = tokenizer.encode("a", "b")  # GLUE's inputs are [CLS] a [SEP] b [SEP], segments 0 then 1
@@ -630,18 +920,18 @@ def main(argv=None):
              "give it BERT's post-processor (as prepare_data.py's tokenizers have).")
     # a checkpoint pretrained on shorter sequences has no position embeddings beyond them
     tokenizer.enable_truncation(max_length=min(cfg.max_seq_len, encoder.config.max_positions))
-    os.makedirs(cfg.out, exist_ok=True)
-    results = load_results(cfg)
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as error:
+        fail(f"cannot create --out {cfg.out} ({error.strerror}); choose another --out.")
+    results = read_results(cfg, origin)
     needs_mnli = cfg.from_mnli and set(cfg.tasks) & set(FROM_MNLI_TASKS)
     if needs_mnli and "mnli" not in cfg.tasks and not any(run["task"] == "mnli" for run in results["runs"]):
         fail("--from-mnli needs MNLI runs first; add mnli to --task.")
-    try:
-        for task in cfg.tasks:
-            sweep_task(cfg, task, data[task], tokenizer, encoder, pooler_state, results, device)
-    except KeyboardInterrupt:
-        fail(f"interrupted; the finished runs are in {os.path.join(cfg.out, 'results.json')}; "
-             "run the same command to go on.")
-    write_reports(cfg, results)
+    for task in cfg.tasks:
+        sweep_task(cfg, task, data[task], tokenizer, encoder, pooler_state, origin, device)
+    with results_lock(cfg):
+        write_reports(cfg, read_results(cfg, origin))
     with open(os.path.join(cfg.out, "results.md")) as f:
         print(f.read())
 

@@ -41,8 +41,8 @@ def run_ours(model_dir, train, dev):
     cfg = finetune_glue.Config(checkpoint=model_dir, tasks=("sst2",), out="", warmup_fraction=WARMUP_FRACTION,
                                max_seq_len=MAX_SEQ_LEN)
     cpu_started = time.process_time()
-    model, seconds = finetune_glue.fine_tune(cfg, "sst2", tokens["train"], encoder, pooler_state, LR, BATCH_SIZE,
-                                             EPOCHS, SEED, torch.device("cpu"), "ours")
+    model, seconds, _ = finetune_glue.fine_tune(cfg, "sst2", tokens["train"], encoder, pooler_state, LR, BATCH_SIZE,
+                                                EPOCHS, SEED, torch.device("cpu"), "ours")
     cpu_seconds = time.process_time() - cpu_started
     outputs = finetune_glue.predict(model, tokens["dev"], cfg.eval_batch_size, torch.device("cpu"))
     examples = EPOCHS * len(train["text_a"])

@@ -1,14 +1,19 @@
 """finetune_glue.py: GLUE's metrics against scipy/scikit-learn, the TSV readers on real and synthetic
 GLUE files, the sweep bookkeeping, a tiny end-to-end sweep with its submission files and an interrupted
-and resumed sweep, bad input, and real fine-tuning of all-MiniLM-L6-v2 on SST-2."""
+and resumed sweep, bad input (flags, files, results.json, checkpoints, diverged runs), one sweep shared by
+several processes, and real fine-tuning of all-MiniLM-L6-v2 on SST-2."""
 import dataclasses
+import errno
+import fcntl
 import io
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -272,6 +277,17 @@ def test_choose_takes_the_best_median_over_seeds():
     assert finetune_glue.choose([run(1e-5, 0, 5, batch_size=32), run(1e-5, 0, 4, epochs=5)])[0]["score"] == 5
 
 
+def test_choice_does_not_depend_on_the_order_runs_were_recorded_in():
+    """Processes that share a sweep record runs in any order; all must choose the same run, ties included."""
+    runs = [run(lr, seed, score) for lr, seed, score in [(3e-5, 1, 60), (1e-5, 1, 60), (3e-5, 0, 60), (1e-5, 0, 60),
+                                                         (1e-5, 2, 70), (3e-5, 2, 70)]]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        shuffled = [runs[i] for i in rng.permutation(len(runs))]
+        chosen, seeds = finetune_glue.choose(shuffled)
+        assert (chosen["lr"], chosen["seed"], seeds) == (1e-5, 1, 3)  # the smaller lr, the lower of the tied seeds
+
+
 def test_results_md_reports_chosen_configs_and_glue_average(tmp_path):
     cfg = config(out=str(tmp_path))
     runs = [dict(run(lr, seed, score), task=task, init="pretrained", metrics=metrics, run_dir=f"runs/{task}/x{lr}-{seed}")
@@ -282,8 +298,10 @@ def test_results_md_reports_chosen_configs_and_glue_average(tmp_path):
     for record in runs:
         for file_name in finetune_glue.TASKS[record["task"]]["test_files"].values():
             write_tsv(os.path.join(tmp_path, record["run_dir"], file_name), [["index", "prediction"], ["0", record["run_dir"]]])
-    finetune_glue.write_reports(cfg, {"settings": {"checkpoint": "ckpt"}, "runs": runs})
+    settings = {"checkpoint": "ckpt", "checkpoint_step": 1200, "checkpoint_sha256": "0123456789abcdef" * 4}
+    finetune_glue.write_reports(cfg, {"settings": settings, "runs": runs})
     table = (tmp_path / "results.md").read_text()
+    assert "Checkpoint `ckpt` (step 1200, weights sha256 0123456789ab). Per task:" in table
     assert "| RTE | accuracy | 3e-05, 16, 3 | 1 | 70.0 | 70.0 |" in table
     assert "| MRPC | f1 / accuracy | 1e-05, 16, 3 | 1 | 90.0 / 80.0 | 85.0 |" in table
     assert "| MNLI | matched_accuracy / mismatched_accuracy | 1e-05, 16, 3 | 1 | 80.0 / 81.0 | 80.5 |" in table
@@ -317,8 +335,9 @@ def tiny_checkpoint(tmp_path_factory, minilm_dir):
     with open(os.path.join(minilm_dir, "tokenizer.json")) as f:
         tokenizer_json = f.read()
     path = tmp_path_factory.mktemp("tiny") / "step-00000010.pt"
+    state = dict(step=10, epoch=0, step_in_epoch=10, sequences_seen=640, elapsed_s=1.0, skipped_steps=0)
     torch.save({"model_config": dataclasses.asdict(model_config), "model": model.state_dict(),
-                "tokenizer_json": tokenizer_json}, path)
+                "tokenizer_json": tokenizer_json, "state": state}, path)
     return str(path)
 
 
@@ -335,6 +354,19 @@ def small_glue(tmp_path, glue_dir, monkeypatch):
     return str(root)
 
 
+@pytest.fixture
+def tiny_glue(tmp_path, glue_dir, monkeypatch):
+    """Synthetic MNLI and AX, and the first 100 rows of each of real RTE's files: a sweep in seconds."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as in small_glue
+    root = tmp_path / "tiny_glue"
+    write_synthetic_glue(root, rows=90)
+    (root / "RTE").mkdir()
+    for split in ("train", "dev", "test"):
+        with open(os.path.join(glue_dir, "RTE", f"{split}.tsv"), encoding="utf-8") as f:
+            (root / "RTE" / f"{split}.tsv").write_text("".join(f.readlines()[:101]), encoding="utf-8")
+    return str(root)
+
+
 def test_tiny_sweep_end_to_end_with_mnli_start_and_submission(tmp_path, tiny_checkpoint, small_glue):
     out = tmp_path / "out"
     grid = ["--lr", "1e-4", "3e-4", "--batch", "16", "--epochs", "1", "--seeds", "2", "--max-train-examples", "64"]
@@ -348,7 +380,7 @@ def test_tiny_sweep_end_to_end_with_mnli_start_and_submission(tmp_path, tiny_che
     assert sum(line.startswith(("mnli lr=", "rte lr=", "stsb lr=")) for line in result.stdout.splitlines()) == 12
     for record in results["runs"]:
         assert record["score"] == pytest.approx(np.mean(list(record["metrics"].values())))
-        assert record["train_seconds"] > 0 and record["examples_per_s"] > 0
+        assert record["train_seconds"] > 0 and record["examples_per_s"] > 0 and record["skipped_steps"] == 0
     assert set(results["runs"][0]["metrics"]) == {"matched_accuracy", "mismatched_accuracy"}
     assert set(results["runs"][-1]["metrics"]) == {"pearson", "spearman"}
     chosen_mnli = finetune_glue.choose([r for r in results["runs"] if r["task"] == "mnli"])[0]
@@ -416,12 +448,17 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, tiny_checkpoint, s
 # ---------------------------------------------------------------------------------------------------
 # bad input: one line saying what to do, exit status 1, no traceback
 
-def main_error(capsys, *argv):
+def error_line(capsys, function, *args):
+    """The one line that function(*args) stops with, having checked that it is one line and exit status 1."""
     with pytest.raises(SystemExit) as exit_info:
-        finetune_glue.main([str(arg) for arg in argv])
+        function(*args)
     message = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and len(message.splitlines()) == 1 and message.startswith("finetune_glue.py: error: ")
     return message
+
+
+def main_error(capsys, *argv):
+    return error_line(capsys, finetune_glue.main, [str(arg) for arg in argv])
 
 
 def test_bad_input_gives_one_line(tmp_path, capsys, tiny_checkpoint, minilm_dir):
@@ -469,7 +506,8 @@ def test_bad_input_gives_one_line(tmp_path, capsys, tiny_checkpoint, minilm_dir)
     out = tmp_path / "out"
     assert "add mnli to --task" in main_error(capsys, *base, "--task", "qnli", "stsb", "--from-mnli")
     out.mkdir(exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"settings": {**finetune_glue.settings(config(checkpoint=tiny_checkpoint)),
+    origin = train_bert.load_pretrained(tiny_checkpoint)[3]
+    (out / "results.json").write_text(json.dumps({"settings": {**finetune_glue.settings(config(checkpoint=tiny_checkpoint), origin),
                                                                "max_train_examples": 500}, "runs": []}))
     assert "holds runs made with another max train examples; pass a new --out" in main_error(capsys, *base, "--task", "qnli")
 
@@ -481,6 +519,368 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     assert result.stderr.splitlines() == [f"finetune_glue.py: error: {tmp_path}/none/CoLA/train.tsv is missing; --glue-dir "
                                           "must hold GLUE's task folders (CoLA/, SST-2/, ...) with their TSV files."]
 
+
+# ---------------------------------------------------------------------------------------------------
+# nothing silently wrong: every number and every file is checked where it comes in
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "inf"], "--lr inf is out of range; pass positive numbers up to 1."),
+    (["--lr", "nan"], "--lr nan is out of range; pass positive numbers up to 1."),
+    (["--lr", "3e-5", "-0.00003"], "--lr -3e-05 is out of range"),
+    (["--lr", "1.5"], "--lr 1.5 is out of range"),
+    (["--batch", "0"], "--batch 0 is out of range; pass positive numbers up to 8192."),
+    (["--batch", "16", "100000"], "--batch 100000 is out of range"),
+    (["--epochs", "0"], "--epochs 0 is out of range; pass positive numbers up to 100."),
+    (["--epochs", "1000"], "--epochs 1000 is out of range"),
+    (["--seeds", "0"], "--seeds 0 is out of range; pass positive numbers up to 100."),
+    (["--seeds", "500"], "--seeds 500 is out of range"),
+    (["--max-train-examples", "0"], "--max-train-examples 0 is out of range; pass positive numbers."),
+    (["--batch", "16.5"], "argument --batch: invalid int value: '16.5'; see --help."),
+])
+def test_numeric_flags_are_checked_before_any_work(tmp_path, capsys, flags, message):
+    # the checkpoint does not exist: a flag that passed its check would stop there instead
+    assert message in main_error(capsys, "--checkpoint", tmp_path / "none", "--task", "rte", "--out", tmp_path / "out", *flags)
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_mistakes_are_one_line_too(capsys):
+    assert main_error(capsys, "--checkpoint", "x", "--task", "rte").endswith(
+        "the following arguments are required: --out; see --help.")
+
+
+def stsb_dev_tsv(score):
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    return (header + "0\tg\tf\ty\t0\tn\tn\ta\tb\t2.4\n" + f"1\tg\tf\ty\t1\tn\tn\ta\tb\t{score}\n").encode()
+
+
+@pytest.mark.parametrize("task, contents, message", [
+    ("qnli", b"index\tquestion\tsentence\tlabel\n0\tq\ts\tentailment\n1\tcaf\xe9?\ts\tentailment\n",
+     "QNLI/dev.tsv line 3 is not UTF-8 text; convert the file to UTF-8, as GLUE's files are."),
+    ("qnli", b"index\tquestion\tsentence\tlabel\n0\tq\ts\tentailment\n\n1\tq\ts\tmaybe\n",  # blank lines count too
+     "QNLI/dev.tsv has the label 'maybe' on line 4, not one of ['entailment', 'not_entailment']; the file is malformed."),
+    ("qnli", b"index\tquestion\tsentence\tlabel\n\n\n1\tq\n", "QNLI/dev.tsv line 4 has 2 tab-separated fields, not 4"),
+    *[("stsb", stsb_dev_tsv(score), f"STS-B/dev.tsv has a score that is not a number from 0 to 5 on line 3 ({score!r})")
+      for score in ("nan", "inf", "-inf", "5.2", "-0.5", "four", "")],
+])
+def test_bad_values_in_glue_files_name_the_file_and_line(tmp_path, capsys, task, contents, message):
+    path = tmp_path / finetune_glue.TASKS[task]["folder"] / "dev.tsv"
+    path.parent.mkdir()
+    path.write_bytes(contents)
+    assert message in error_line(capsys, finetune_glue.read_split, task, str(path), True)
+
+
+@pytest.mark.parametrize("bad_row, message", [
+    ({"hypothesis": None}, "GLUE's mnli train split from the Hugging Face hub has None as the text of row 2; delete"),
+    ({"label": 3}, "GLUE's mnli train split from the Hugging Face hub has the label 3 in row 2; delete"),
+])
+def test_bad_rows_from_the_hub_name_the_task_and_split(monkeypatch, capsys, bad_row, message):
+    datasets = pytest.importorskip("datasets")
+
+    def split(n, labelled=True, bad=False):
+        rows = [{"premise": f"p{i}", "hypothesis": "h", "label": i % 3 if labelled else -1, "idx": i} for i in range(n)]
+        if bad:
+            rows[2].update(bad_row)
+        return datasets.Dataset.from_list(rows)
+
+    def fake_load_dataset(path, name):
+        if name == "ax":
+            return {"test": split(3, labelled=False)}
+        return {"train": split(5, bad=True), "validation_matched": split(3), "validation_mismatched": split(3),
+                "test_matched": split(3, False), "test_mismatched": split(3, False)}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert message in error_line(capsys, finetune_glue.read_task, config(), "mnli")
+
+
+def test_bad_results_json_names_the_file(tmp_path, capsys, tiny_checkpoint):
+    glue, out = tmp_path / "glue", tmp_path / "out"
+    write_synthetic_glue(glue, rows=10)
+    out.mkdir()
+    settings = finetune_glue.settings(config(checkpoint=tiny_checkpoint), train_bert.load_pretrained(tiny_checkpoint)[3])
+    good = dict(run(1e-4, 0, 50.0), task="qnli", init="pretrained", metrics={"accuracy": 50.0}, run_dir="runs/qnli/x")
+    path = out / "results.json"
+    for contents, problem in [
+        (b"{", "is not valid JSON"),
+        (b"\xff\xfe{}", "is not valid JSON"),
+        (b"[]", "does not hold the settings and runs of a finetune_glue.py sweep"),
+        (json.dumps({"settings": settings}).encode(), "does not hold the settings and runs of a finetune_glue.py sweep"),
+        (json.dumps({"settings": settings, "runs": [good, {k: v for k, v in good.items() if k != "score"}]}).encode(),
+         "has a run (number 2) without a valid 'score'"),
+        (json.dumps({"settings": settings, "runs": [{**good, "batch_size": "16"}]}).encode(),
+         "has a run (number 1) without a valid 'batch_size'"),
+        (json.dumps({"settings": settings, "runs": ["qnli"]}).encode(), "has a run (number 1) without a valid 'task'"),
+        (json.dumps({"settings": settings, "runs": [{**good, "score": float("nan")}]}).encode(),
+         "has a run (number 1) with an unknown task, or a score that is not a finite number"),
+        (json.dumps({"settings": settings, "runs": [{**good, "metrics": {"accuracy": float("inf")}}]}).encode(),
+         "has a run (number 1) with an unknown task, or a score that is not a finite number"),
+        (json.dumps({"settings": settings, "runs": [{**good, "task": "sst3"}]}).encode(),
+         "has a run (number 1) with an unknown task, or a score that is not a finite number"),
+    ]:
+        path.write_bytes(contents)
+        message = main_error(capsys, "--checkpoint", tiny_checkpoint, "--glue-dir", glue, "--out", out, "--task", "qnli")
+        assert message.endswith(f"{path} {problem}; move it away to start over, or pass a new --out."), contents
+
+
+def test_unusable_mnli_model_gives_one_line(tmp_path, capsys, tiny_checkpoint, small_glue):
+    """--from-mnli starts RTE from the chosen MNLI run's model.pt: one that cannot be read or does not fit stops."""
+    out = tmp_path / "out"
+    encoder, _, _, origin = train_bert.load_pretrained(tiny_checkpoint)
+    settings = finetune_glue.settings(config(checkpoint=tiny_checkpoint, from_mnli=True, max_train_examples=16), origin)
+    chosen = dict(run(1e-4, 0, 50.0), task="mnli", init="pretrained", run_dir="runs/mnli/chosen",
+                  metrics={"matched_accuracy": 50.0, "mismatched_accuracy": 50.0})
+    (out / "runs" / "mnli" / "chosen").mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps({"settings": settings, "runs": [chosen]}))
+    model_file = out / "runs" / "mnli" / "chosen" / "model.pt"
+    other = train_bert.BertEncoder(train_bert.BertConfig(**train_bert.MODEL_PRESETS["tiny"], vocab_size=64))
+    pooler = {"weight": torch.zeros(64, 64), "bias": torch.zeros(64)}
+    for contents in [b"cut short", {"pooler": pooler}, {"encoder": other.state_dict(), "pooler": pooler},
+                     {"encoder": encoder.state_dict(), "pooler": {"weight": torch.zeros(3, 3), "bias": torch.zeros(3)}}]:
+        if isinstance(contents, bytes):
+            model_file.write_bytes(contents)
+        else:
+            torch.save(contents, model_file)
+        message = main_error(capsys, "--checkpoint", tiny_checkpoint, "--glue-dir", small_glue, "--out", out,
+                             "--task", "rte", "--from-mnli", "--max-train-examples", "16")
+        assert f"{model_file} cannot be read or does not fit the encoder of {tiny_checkpoint}" in message
+        assert message.endswith("then run mnli again with --from-mnli.")
+
+
+def test_non_finite_steps_are_skipped_not_applied():
+    """A batch whose loss is NaN (here from a NaN label) skips its optimizer step; the weights stay finite."""
+    torch.manual_seed(0)
+    encoder = train_bert.BertEncoder(train_bert.BertConfig(**train_bert.MODEL_PRESETS["tiny"], vocab_size=64))
+    rng = np.random.default_rng(0)
+    train = dict(input_ids=rng.integers(5, 64, (8, 6)).astype(np.int32), token_type_ids=np.zeros((8, 6), dtype=np.int8),
+                 lengths=np.full(8, 6), labels=np.array([1.0, 2.0, np.nan, 3.0, 0.5, 4.0, 2.5, 1.5]))
+    model, _, skipped_steps = finetune_glue.fine_tune(config(), "stsb", train, encoder, None, 1e-3, 1, 2, 0,
+                                                      torch.device("cpu"), "stsb")
+    assert skipped_steps == 2  # batches of one row: the NaN row's step, once per epoch
+    assert all(torch.isfinite(parameter).all() for parameter in model.parameters())
+    assert not torch.equal(model.encoder.word_embeddings.weight, encoder.word_embeddings.weight)  # the rest trained
+
+
+def test_a_diverged_run_stops_the_sweep_and_records_nothing(tmp_path, capsys, tiny_checkpoint, monkeypatch):
+    write_synthetic_glue(tmp_path / "glue", rows=30)
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    for name in ("encoder.word_embeddings.weight", "encoder.position_embeddings.weight"):
+        checkpoint["model"][name] = torch.full_like(checkpoint["model"][name], 3e38)  # finite, but their sum is not
+    torch.save(checkpoint, tmp_path / "overflows.pt")
+    out = tmp_path / "out"
+    args = ["--glue-dir", tmp_path / "glue", "--out", out, "--task", "mnli", "--lr", "1e-4", "--batch", "8", "--epochs", "1",
+            "--seeds", "1"]
+    assert main_error(capsys, "--checkpoint", tmp_path / "overflows.pt", *args).endswith(
+        "mnli lr=0.0001 batch=8 epochs=1 seed=0 diverged: all 4 of its optimizer steps had a non-finite loss or "
+        "gradient; leave out --lr 0.0001, or use lower learning rates.")
+    assert not (out / "results.json").exists()
+    assert os.listdir(out / finetune_glue.run_folder("mnli", 1e-4, 8, 1, 0)) == [".claim"]
+    # outputs that are not finite after a run that trained: no score either
+    monkeypatch.setattr(finetune_glue, "predict", lambda model, tokens, *args: np.full((len(tokens["lengths"]), 3), np.nan))
+    assert "seed=0 diverged: its model outputs non-finite numbers; leave out --lr 0.0001" in main_error(
+        capsys, "--checkpoint", tiny_checkpoint, *args)
+    assert not (out / "results.json").exists()
+
+
+def test_runs_are_tied_to_the_checkpoint_weights_not_its_path(tmp_path, capsys, tiny_checkpoint):
+    """A run folder that gets a newer checkpoint between two sweeps must not mix runs of both in one median."""
+    write_synthetic_glue(tmp_path / "glue", rows=30)
+    bert = tmp_path / "bert"  # a train_bert.py --out folder: --checkpoint takes its newest checkpoint
+    (bert / "checkpoints").mkdir(parents=True)
+    shutil.copy(tiny_checkpoint, bert / "checkpoints" / "step-00000010.pt")
+    out = tmp_path / "out"
+    args = ["--glue-dir", tmp_path / "glue", "--out", out, "--task", "mnli", "--lr", "1e-4", "--batch", "8", "--epochs", "1",
+            "--seeds", "1"]
+    finetune_glue.main([str(arg) for arg in ["--checkpoint", bert, *args]])
+    results = json.loads((out / "results.json").read_text())
+    sha256 = train_bert.load_pretrained(tiny_checkpoint)[3]["weights_sha256"]
+    assert results["settings"]["checkpoint"] == str(bert / "checkpoints" / "step-00000010.pt")
+    assert (results["settings"]["checkpoint_step"], results["settings"]["checkpoint_sha256"]) == (10, sha256)
+    assert (results["runs"][0]["checkpoint_step"], results["runs"][0]["checkpoint_sha256"]) == (10, sha256)
+    assert f"(step 10, weights sha256 {sha256[:12]})" in (out / "results.md").read_text()
+
+    shutil.copy(tiny_checkpoint, tmp_path / "renamed.pt")  # the same weights under another name: the same checkpoint
+    capsys.readouterr()
+    finetune_glue.main([str(arg) for arg in ["--checkpoint", tmp_path / "renamed.pt", *args]])
+    assert "mnli: 1 of 1 runs already recorded, 0 to go" in capsys.readouterr().out
+
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)  # training went on: a newer checkpoint
+    torch.manual_seed(1)
+    newer = train_bert.BertForMLM(train_bert.BertConfig(**checkpoint["model_config"])).state_dict()
+    torch.save({**checkpoint, "model": newer, "state": {**checkpoint["state"], "step": 20}},
+               bert / "checkpoints" / "step-00000020.pt")
+    newer_sha256 = train_bert.load_pretrained(str(bert))[3]["weights_sha256"]
+    assert main_error(capsys, "--checkpoint", bert, *args).endswith(
+        f"{out} holds runs made from another checkpoint (step 10, weights sha256 {sha256[:12]}) than {bert} "
+        f"(step 20, weights sha256 {newer_sha256[:12]}); use a new --out for this one.")
+    assert json.loads((out / "results.json").read_text()) == results
+
+
+# ---------------------------------------------------------------------------------------------------
+# one sweep shared by several processes
+
+SHARED_GRID = ["--task", "mnli", "rte", "--from-mnli", "--lr", "1e-4", "3e-4", "--batch", "16", "--epochs", "1",
+               "--seeds", "2", "--max-train-examples", "32"]
+
+
+def start_sweep(*args):
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "finetune_glue.py"), *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def recorded_runs(out):
+    """results.json's runs by (task, lr, batch size, epochs, seed), after checking that none is there twice."""
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    keys = [finetune_glue.run_key(record) for record in runs]
+    assert len(keys) == len(set(keys)), keys
+    return dict(zip(keys, runs))
+
+
+def hold_claim(out, task, lr, batch_size, epochs, seed):
+    """Claims a run from this test process, as another finetune_glue.py would; closing the file lets it go."""
+    path = os.path.join(out, finetune_glue.run_folder(task, lr, batch_size, epochs, seed), ".claim")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    claim_file = open(path, "w")
+    fcntl.flock(claim_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    claim_file.write("elsewhere:4242\n")
+    claim_file.flush()
+    return claim_file
+
+
+def test_two_processes_share_one_sweep_as_one_process_would_run_it(tmp_path, tiny_checkpoint, tiny_glue):
+    """Two processes on one --out, as torchrun starts one per GPU: every run is made and recorded once,
+    RTE starts from the same MNLI run in both, and the scores are those of the same sweep in one process."""
+    shared, serial = tmp_path / "shared", tmp_path / "serial"
+    processes = [start_sweep("--checkpoint", tiny_checkpoint, "--glue-dir", tiny_glue, "--out", shared, *SHARED_GRID)
+                 for _ in range(2)]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (stdout, stderr) in zip(processes, outputs):
+        assert process.returncode == 0 and stderr == "", stdout + stderr
+    run_script("finetune_glue.py", "--checkpoint", tiny_checkpoint, "--glue-dir", tiny_glue, "--out", serial, *SHARED_GRID)
+    shared_runs, serial_runs = recorded_runs(shared), recorded_runs(serial)
+    grid = {(task, lr, 16, 1, seed) for task in ("mnli", "rte") for lr in (1e-4, 3e-4) for seed in (0, 1)}
+    assert set(shared_runs) == set(serial_runs) == grid
+    for key in grid:
+        assert [shared_runs[key][name] for name in ("metrics", "score", "init", "run_dir")] == \
+               [serial_runs[key][name] for name in ("metrics", "score", "init", "run_dir")], key
+    # each run was made once, both processes took part, and each says which runs it made
+    assert sum(line.startswith(("mnli lr=", "rte lr=")) for stdout, _ in outputs for line in stdout.splitlines()) == 8
+    workers = [f"{socket.gethostname()}:{process.pid}" for process in processes]
+    assert {record["worker"] for record in shared_runs.values()} == set(workers)
+    for worker, (stdout, _) in zip(workers, outputs):
+        made = sum(record["worker"] == worker for record in shared_runs.values())
+        assert sum(line.endswith(f"by {worker})") for line in stdout.splitlines()) == made
+    assert (shared / "results.md").read_text() == (serial / "results.md").read_text()
+    assert sorted(os.listdir(shared / "submission")) == sorted(os.listdir(serial / "submission")) == ["AX.tsv", "MNLI-m.tsv",
+                                                                                                     "MNLI-mm.tsv", "RTE.tsv"]
+    for file_name in os.listdir(serial / "submission"):
+        assert (shared / "submission" / file_name).read_text() == (serial / "submission" / file_name).read_text()
+
+
+def test_a_claimed_run_is_left_to_its_holder_until_it_dies(tmp_path, capsys, tiny_checkpoint):
+    write_synthetic_glue(tmp_path / "glue", rows=30)
+    out = tmp_path / "out"
+    args = ["--checkpoint", tiny_checkpoint, "--glue-dir", tmp_path / "glue", "--out", out, "--task", "mnli",
+            "--lr", "1e-4", "--batch", "8", "--epochs", "1", "--seeds", "2"]
+    claim = os.path.join(out, finetune_glue.run_folder("mnli", 1e-4, 8, 1, 1), ".claim")
+    os.makedirs(os.path.dirname(claim))
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.write('elsewhere:4242'); f.flush(); print('held', flush=True); "
+                               "time.sleep(600)", claim], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        finetune_glue.main([str(arg) for arg in args])
+        assert "mnli: 1 of 2 runs are left to the processes that hold them: elsewhere:4242" in capsys.readouterr().out
+        assert [key[-1] for key in recorded_runs(out)] == [0]
+    finally:
+        holder.kill()  # kill -9: no chance to clean up; the kernel drops its flock all the same
+        holder.wait()
+    finetune_glue.main([str(arg) for arg in args])
+    assert "mnli: 1 of 2 runs already recorded, 1 to go" in capsys.readouterr().out
+    assert [key[-1] for key in recorded_runs(out)] == [0, 1]
+
+
+def test_a_run_recorded_meanwhile_is_not_recorded_twice(tmp_path, capsys, tiny_checkpoint, monkeypatch):
+    """Should another process record a run between this one's claim and its record (possible only if the
+    claim was lost, say with its folder deleted), the first record stays and this process's files are dropped."""
+    write_synthetic_glue(tmp_path / "glue", rows=30)
+    out = tmp_path / "out"
+    args = ["--checkpoint", tiny_checkpoint, "--glue-dir", tmp_path / "glue", "--out", out, "--task", "mnli",
+            "--lr", "1e-4", "--batch", "8", "--epochs", "1", "--seeds", "1"]
+    origin = train_bert.load_pretrained(tiny_checkpoint)[3]
+    theirs = dict(run(1e-4, 0, 42.0, batch_size=8, epochs=1), task="mnli", init="pretrained", worker="elsewhere:4242",
+                  metrics={"matched_accuracy": 42.0, "mismatched_accuracy": 42.0}, run_dir=finetune_glue.run_folder("mnli", 1e-4, 8, 1, 0))
+    real_fine_tune = finetune_glue.fine_tune
+
+    def fine_tune_while_another_records(cfg, *rest):
+        (out / "results.json").write_text(json.dumps({"settings": finetune_glue.settings(cfg, origin), "runs": [theirs]}))
+        return real_fine_tune(cfg, *rest)
+
+    monkeypatch.setattr(finetune_glue, "fine_tune", fine_tune_while_another_records)
+    finetune_glue.main([str(arg) for arg in args])
+    assert "mnli lr=0.0001 batch=8 epochs=1 seed=0: recorded meanwhile by another process" in capsys.readouterr().out
+    assert list(recorded_runs(out).values()) == [theirs]
+    assert os.listdir(out / theirs["run_dir"]) == [".claim"]  # none of this process's files
+
+
+def test_from_mnli_waits_for_the_mnli_runs_of_other_processes(tmp_path, tiny_checkpoint, tiny_glue):
+    """RTE must start from the best run of the whole MNLI grid: a process waits for MNLI runs that another
+    holds, and takes over any whose holder lets go (or dies)."""
+    out = tmp_path / "out"
+    claim_file = hold_claim(out, "mnli", 3e-4, 16, 1, 1)
+    process = start_sweep("--checkpoint", tiny_checkpoint, "--glue-dir", tiny_glue, "--out", out, *SHARED_GRID)
+    lines = []
+
+    def read_lines():
+        for line in process.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_lines, daemon=True)
+    reader.start()
+    deadline = time.time() + 300
+    while not any("waiting" in line for line in lines) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "".join(lines) + process.stderr.read()
+    assert {key[0] for key in recorded_runs(out)} == {"mnli"} and len(recorded_runs(out)) == 3  # no RTE run yet
+    claim_file.close()  # the holder lets go: the waiting process takes the run over
+    stderr = process.communicate(timeout=300)[1]
+    reader.join()
+    assert process.returncode == 0, "".join(lines) + stderr
+    assert "mnli: waiting for 1 of 4 runs, held by elsewhere:4242: RTE, MRPC and STS-B start from the best run of the " \
+           "complete MNLI grid\n" in lines
+    runs = recorded_runs(out)
+    assert runs[("mnli", 3e-4, 16, 1, 1)]["worker"] == f"{socket.gethostname()}:{process.pid}"
+    chosen = finetune_glue.choose([record for key, record in runs.items() if key[0] == "mnli"])[0]
+    assert [record["init"] for key, record in runs.items() if key[0] == "rte"] == ["mnli:" + chosen["run_dir"]] * 4
+
+def test_a_filesystem_without_locks_gives_one_line(tmp_path, capsys, tiny_checkpoint, monkeypatch):
+    def no_locks(file, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    write_synthetic_glue(tmp_path / "glue", rows=10)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "out"
+    claim = out / finetune_glue.run_folder("mnli", 1e-4, 8, 1, 0) / ".claim"
+    assert main_error(capsys, "--checkpoint", tiny_checkpoint, "--glue-dir", tmp_path / "glue", "--out", out, "--task", "mnli",
+                      "--lr", "1e-4", "--batch", "8", "--epochs", "1", "--seeds", "1").endswith(
+        f"cannot lock {claim} (No locks available); use an --out that you can write to, on a filesystem with file "
+        "locks (a local disk, or NFSv4).")
+
+
+def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch, capsys):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert finetune_glue.worker() == f"{socket.gethostname()}:{os.getpid()}"
+    monkeypatch.setenv("LOCAL_RANK", "3")  # as torchrun sets it
+    assert finetune_glue.worker() == f"{socket.gethostname()}:{os.getpid()} LOCAL_RANK=3"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert finetune_glue.pick_device() == torch.device("cpu")  # processes without GPUs share the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    assert "LOCAL_RANK=3 names none of this machine's 2 GPUs; start at most 2 processes (torchrun --nproc_per_node 2)." \
+        in error_line(capsys, finetune_glue.pick_device)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert finetune_glue.pick_device() == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert finetune_glue.pick_device() == torch.device("cuda", 0)
 
 # ---------------------------------------------------------------------------------------------------
 # the real thing: all-MiniLM-L6-v2 on SST-2
