@@ -45,6 +45,8 @@ import socket
 import sys
 import sysconfig
 import time
+import urllib.parse
+import urllib.request
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import current_process as mp_current_process
@@ -55,8 +57,10 @@ import numpy as np
 FORMAT_VERSION = 1
 CHUNK_CHARS = 1 << 19  # text per worker task: small enough to spread a small corpus over the cores
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-DEFAULT_DATASETS = ["wikimedia/wikipedia:20231101.en", "bookcorpus/bookcorpus"]
+DEFAULT_DATASETS = ["wikimedia/wikipedia:20231101.en", "bookcorpus/bookcorpus"]  # the hub's main branch, not pinned
 DEFAULT_TOKENIZER = "bert-large-uncased"  # the 24hBERT vocabulary, from the hub
+PARQUET_REVISION = "refs/convert/parquet"  # the hub's parquet copy of a dataset, read where main ships a loading script
+HUB_CONNECT_TIMEOUT_S = 2  # a lost SYN is sent again after 1 s, so one loss still connects in time
 SPLIT_IDS = {"train": 0, "val": 1}
 
 
@@ -67,7 +71,7 @@ class PrepareConfig:
     input: list = field(default_factory=list)  # local files, folders or globs
     demo: bool = False  # the embedded offline corpus: this Python's standard-library docstrings
     text_column: str = "text"  # for .jsonl, .parquet and hub datasets
-    doc_sep: str = "line"  # plain text: one document per "line", or documents separated by "blank" lines
+    doc_sep: str = "line"  # plain text: one document per "line", per "blank"-line-separated block, or per "file"
     tokenizer: str = ""  # tokenizer.json, vocab.txt or a hub name; default bert-large-uncased
     train_tokenizer: bool = False  # train a lower-cased WordPiece vocabulary on the corpus instead
     vocab_size: int = 30522
@@ -142,7 +146,12 @@ def first_bad_line(path):
 
 
 def read_text_file(path, doc_sep):
+    """Documents of a plain text file: each line, each block between blank lines, or the whole file (a book
+    of the original BookCorpus: it is read whole, then cut into pieces by split_long_document)."""
     with open(path, encoding="utf-8-sig") as f:  # text mode also turns CRLF into LF; -sig drops a BOM
+        if doc_sep == "file":
+            yield f.read().strip()
+            return
         lines = []
         for line in f:
             line = line.strip()
@@ -204,13 +213,32 @@ def read_parquet_file(path, text_column):
         raise UserError(f"{path} is not a readable Parquet file; check it or leave it out")
 
 
-def read_hub_dataset(name, text_column):
-    """A Hugging Face dataset, streamed. A null text is an empty document and is skipped."""
+def read_hub_dataset(source, text_column):
+    """A Hugging Face dataset, streamed. A null text is an empty document and is skipped.
+
+    datasets >= 4 refuses a dataset whose main branch still ships a loading script (BookCorpus does); the
+    hub keeps a parquet copy of such a dataset at PARQUET_REVISION, which is read instead and recorded in
+    `source` (meta.json's sources). That copy has no dataset card, so datasets sees a single config,
+    "default", whose files are laid out as CONFIG/train/NNNN.parquet: a config is picked by folder."""
     import datasets  # imported here: only hub sources need it
 
+    name = source["name"]
     path, _, config = name.partition(":")
     try:
-        stream = datasets.load_dataset(path, config or None, split="train", streaming=True)
+        try:
+            stream = datasets.load_dataset(path, config or None, split="train", streaming=True)
+        except RuntimeError as e:
+            if "Dataset scripts are no longer supported" not in str(e):
+                raise
+            note(f"note: {path} ships a loading script, which datasets >= 4 no longer runs; "
+                 f"reading its parquet conversion (revision {PARQUET_REVISION}) instead")
+            try:
+                stream = datasets.load_dataset(path, None, revision=PARQUET_REVISION, data_dir=config or None,
+                                               split="train", streaming=True)
+            except Exception as e:
+                raise UserError(f"dataset {name} ships a loading script and its parquet conversion cannot be read "
+                                f"({first_line(e)}); download its text and pass it with --input")
+            source["revision"] = PARQUET_REVISION
         for row_number, row in enumerate(stream, 1):
             text = row[text_column]
             if text is not None and not isinstance(text, str):
@@ -221,8 +249,22 @@ def read_hub_dataset(name, text_column):
         raise
     except KeyError:
         raise UserError(f"dataset {name} has no column {text_column!r}; set --text-column")
-    except Exception as e:  # no network, unknown name, ...: the library's first line says which
-        raise UserError(f"could not read dataset {name} from the hub: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    except Exception as e:  # unknown name, not in the cache, ...: the library's first line says which
+        if hub_offline():
+            raise UserError(f"dataset {name} is not in the local cache ({first_line(e)}) and HF_HUB_OFFLINE=1 keeps "
+                            f"the hub out; unset HF_HUB_OFFLINE to download it, or pass local files with --input")
+        raise UserError(f"could not read dataset {name} from the hub: {first_line(e)}")
+
+
+def first_line(error):
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def note(message):
+    """One line on stderr that does not break the progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
 def stdlib_docstrings():
@@ -263,7 +305,7 @@ def iter_documents(sources, cfg):
         if source["kind"] == "python-stdlib-docstrings":
             docs = stdlib_docstrings()
         elif source["kind"] == "hub":
-            docs = read_hub_dataset(source["name"], cfg.text_column)
+            docs = read_hub_dataset(source, cfg.text_column)
         elif source["path"].endswith((".jsonl", ".json")):
             docs = read_jsonl_file(source["path"], cfg.text_column)
         elif source["path"].endswith(".parquet"):
@@ -277,6 +319,52 @@ def iter_documents(sources, cfg):
         except UnicodeDecodeError:  # only text and .jsonl files are decoded here; found line by line afterwards
             path = source["path"]
             raise UserError(f"{path}:{first_bad_line(path)} is not UTF-8 text; convert the file to UTF-8 or leave it out")
+
+
+# -----------------------------------------------------------------------------
+# The hub. Where it cannot be reached, datasets and huggingface_hub retry for about 25 s and print a line per
+# retry; a plain TCP connection tells the same in a second or two, before any work starts.
+
+def hub_offline():
+    """HF_HUB_OFFLINE=1 (or ON, YES, TRUE, as huggingface_hub reads it): the libraries use their local cache only."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def is_hub_name(name):
+    """A hub repository (bert-large-uncased, google-bert/bert-base-uncased) rather than a tokenizer file."""
+    return (not os.path.exists(name) and not name.endswith((".json", ".txt")) and not name.startswith((".", "/", "~"))
+            and name.count("/") <= 1)
+
+
+def hub_needs(cfg, sources):
+    """What this run fetches from the hub: its hub datasets, and the tokenizer unless it is a file or trained."""
+    needs = [f"dataset {s['name']}" for s in sources if s["kind"] == "hub"]
+    tokenizer = cfg.tokenizer or DEFAULT_TOKENIZER
+    if not cfg.train_tokenizer and is_hub_name(tokenizer):
+        needs.append(f"tokenizer {tokenizer}")
+    return needs
+
+
+def check_hub_reachable(needs):
+    """Connects to the host of HF_ENDPOINT (huggingface.co by default), or to the proxy that would carry the
+    request; one line if that fails. Skipped with HF_HUB_OFFLINE=1, where nothing is fetched."""
+    if not needs or hub_offline():
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    url = urllib.parse.urlsplit(endpoint)
+    if not url.hostname:
+        raise UserError(f"HF_ENDPOINT must be a URL such as https://huggingface.co, not {endpoint!r}")
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname):
+        url = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        socket.create_connection((url.hostname, port), timeout=HUB_CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as e:  # no such host, refused, timed out; ValueError: a port that is not a number
+        local_flags = sorted({"--input" if need.startswith("dataset") else "--tokenizer FILE" for need in needs})
+        raise UserError(f"cannot reach the Hugging Face hub at {endpoint} ({getattr(e, 'strerror', None) or e}) "
+                        f"for the {', the '.join(needs)}; set HF_HUB_OFFLINE=1 to use what is in the local cache, "
+                        f"or pass local files with {' and '.join(local_flags)}")
 
 
 # -----------------------------------------------------------------------------
@@ -300,11 +388,14 @@ def load_tokenizer(name):
             if line_number:
                 raise UserError(f"{name}:{line_number} is not UTF-8 text; a vocab.txt holds one UTF-8 token per line")
             raise UserError(f"{name} is not a BERT vocab.txt ({e}); pass a vocab.txt or a tokenizer.json")
-    if os.path.sep in name or name.endswith((".json", ".txt")):
+    if not is_hub_name(name):
         raise UserError(f"tokenizer file {name} does not exist")
     try:
         return Tokenizer.from_pretrained(name)
     except Exception:
+        if hub_offline():
+            raise UserError(f"tokenizer {name} is not in the local cache and HF_HUB_OFFLINE=1 keeps the hub out; unset "
+                            f"HF_HUB_OFFLINE to download it, or pass --tokenizer FILE or --train-tokenizer")
         raise UserError(f"tokenizer {name!r} is neither a file nor reachable on the hub; pass --tokenizer FILE or --train-tokenizer")
 
 
@@ -583,8 +674,8 @@ def check_config(cfg):
         raise UserError("--text-column must name a field or column, not be empty")
     if not cfg.out:
         raise UserError("--out must name a folder, not be empty")
-    if cfg.doc_sep not in ("line", "blank"):
-        raise UserError("--doc-sep must be 'line' or 'blank'")
+    if cfg.doc_sep not in ("line", "blank", "file"):
+        raise UserError("--doc-sep must be 'line', 'blank' or 'file'")
     if cfg.tokenizer and cfg.train_tokenizer:
         raise UserError("give either --tokenizer or --train-tokenizer, not both")
     if cfg.demo and (cfg.input or cfg.dataset):
@@ -712,6 +803,7 @@ def prepare(cfg):
             return
         if lock_file is None:
             raise UserError(f"cannot write in {os.path.dirname(out)} (read-only or not yours); choose another --out")
+        check_hub_reachable(hub_needs(cfg, sources))
         summary = write_output_folder(cfg, sources, settings, out)
     finally:
         if lock_file is not None:
@@ -749,6 +841,7 @@ def write_output_folder(cfg, sources, settings, out):
 def write_dataset(cfg, sources, settings, folder):
     from tqdm import tqdm
 
+    sources = [dict(source) for source in sources]  # readers add what they read (a hub revision); settings don't
     if cfg.train_tokenizer:
         print("training a WordPiece vocabulary on the corpus", file=sys.stderr)
         pieces = (piece for doc in iter_documents(sources, cfg) for piece in split_long_document(doc))
@@ -834,8 +927,8 @@ def parse_args(argv=None):
                    help="a local file, folder or glob, repeatable: plain text, .jsonl or .parquet")
     p.add_argument("--demo", action="store_true", help="the offline demo corpus: this Python's standard-library docstrings")
     p.add_argument("--text-column", default=d.text_column, help="text field of .jsonl/.parquet files and hub datasets")
-    p.add_argument("--doc-sep", default=d.doc_sep, choices=["line", "blank"],
-                   help="plain text: one document per line, or documents separated by blank lines")
+    p.add_argument("--doc-sep", default=d.doc_sep, choices=["line", "blank", "file"],
+                   help="plain text: one document per line, per block between blank lines, or per file (a book)")
     p.add_argument("--tokenizer", default=d.tokenizer, help=f"tokenizer.json, BERT vocab.txt or hub name (default {DEFAULT_TOKENIZER})")
     p.add_argument("--train-tokenizer", action="store_true", help="train a lower-cased WordPiece vocabulary on the corpus")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="with --train-tokenizer")

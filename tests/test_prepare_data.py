@@ -201,6 +201,29 @@ def test_text_jsonl_parquet_folder_and_glob_inputs_agree(tmp_path, minilm_dir):
     assert [t for t in kept if t != 102] == [t for t in expected if t != 102]
 
 
+def test_doc_sep_file_makes_each_file_one_document(tmp_path, minilm_dir):
+    """The original BookCorpus has one book per file: --doc-sep file reads each as one document, as a .jsonl
+    row holding the whole book would be (one [SEP] between books, none inside one)."""
+    books = {"a.txt": "Chapter one.\n\nIt was a dark night,\r\nand the rain fell.\n" * 20,
+             "b.txt": "\ufeffA second book begins here.\nIt ends soon after.\n" * 30,
+             "c.txt": "The third book is a single line of text about masking tokens." * 40,
+             "empty.txt": "\n \n"}
+    (tmp_path / "books").mkdir()
+    for name, text in books.items():
+        (tmp_path / "books" / name).write_bytes(text.encode())
+    whole = [text.replace("\ufeff", "").replace("\r\n", "\n").strip() for name, text in sorted(books.items())]
+    (tmp_path / "books.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in whole))
+    common = ["--tokenizer", os.path.join(minilm_dir, "vocab.txt"), "--seq-len", "32", "--dup-factor", "2",
+              "--val-fraction", "0", "--workers", "1"]
+    prepare_data.main(["--input", str(tmp_path / "books"), "--doc-sep", "file", *common, "--out", str(tmp_path / "o_file")])
+    prepare_data.main(["--input", str(tmp_path / "books.jsonl"), *common, "--out", str(tmp_path / "o_jsonl")])
+    meta = json.load(open(tmp_path / "o_file" / "meta.json"))
+    assert meta["splits"]["train"]["documents"] == 3 and meta["settings"]["doc_sep"] == "file"
+    for name in ("input_ids", "mask_positions", "mask_tokens"):
+        assert np.array_equal(np.load(tmp_path / "o_file" / f"train-00000-{name}.npy"),
+                              np.load(tmp_path / "o_jsonl" / f"train-00000-{name}.npy")), name
+
+
 def test_shards_split_a_large_output(tmp_path, minilm_dir, wikitext_raw):
     run_script("prepare_data.py", "--input", wikitext_raw, "--tokenizer", os.path.join(minilm_dir, "vocab.txt"),
                "--dup-factor", "3", "--shard-size", "500", "--out", tmp_path / "o")
@@ -340,7 +363,13 @@ def test_full_disk_gets_a_clear_error_and_leaves_nothing(tmp_path, minilm_dir, m
     assert not os.path.exists(out) and not os.path.exists(str(out) + ".partial")
 
 
-def test_hub_datasets_are_streamed_by_name_and_config(tmp_path, minilm_dir, monkeypatch, capsys):
+@pytest.fixture
+def stand_in_hub(monkeypatch):
+    """For tests that replace datasets.load_dataset: there is no hub to check for, the stand-in plays it."""
+    monkeypatch.setattr(prepare_data, "check_hub_reachable", lambda needs: None)
+
+
+def test_hub_datasets_are_streamed_by_name_and_config(tmp_path, minilm_dir, monkeypatch, capsys, stand_in_hub):
     """No hub here: datasets.load_dataset is replaced by a stand-in that records how it was called."""
     import datasets
 
@@ -491,7 +520,7 @@ def test_nulls_are_empty_documents_in_jsonl_and_parquet(tmp_path, minilm_dir):
         assert json.load(open(tmp_path / f"o-{name}" / "meta.json"))["splits"]["train"]["documents"] == len(DOCS)
 
 
-def test_hub_row_that_is_not_text_gets_one_line(tmp_path, minilm_dir, monkeypatch, capsys):
+def test_hub_row_that_is_not_text_gets_one_line(tmp_path, minilm_dir, monkeypatch, capsys, stand_in_hub):
     import datasets
 
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: iter([{"text": "fine"}, {"text": None}, {"text": 7}]))
@@ -726,3 +755,112 @@ def test_one_huge_document_keeps_memory_bounded(tmp_path, minilm_dir, wikitext_r
     meta = json.load(open(out / "meta.json"))
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 1
     assert meta["splits"]["train"]["tokens"] > 10_000_000
+
+
+# ----------------------------------------------------------------------------- the hub: scripts, no network, offline
+
+def test_a_hub_dataset_with_a_loading_script_is_read_from_its_parquet_conversion(tmp_path, minilm_dir, monkeypatch,
+                                                                                   capsys, stand_in_hub):
+    """datasets >= 4 refuses bookcorpus/bookcorpus, which ships bookcorpus.py; its parquet conversion is read instead."""
+    import datasets
+
+    real_load_dataset = datasets.load_dataset
+    script_folder = tmp_path / "bookcorpus"
+    script_folder.mkdir()
+    (script_folder / "bookcorpus.py").write_text("# a loading script\n")
+    with pytest.raises(RuntimeError, match="^Dataset scripts are no longer supported, but found bookcorpus.py$"):
+        real_load_dataset(str(script_folder))  # what the installed datasets raises for a script: the stand-in's error
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, streaming=False, revision=None, data_dir=None):
+        calls.append((path, name, revision, data_dir, split, streaming))
+        if revision is None:  # main ships a loading script
+            return real_load_dataset(str(script_folder))
+        if path == "no/conversion":
+            raise datasets.exceptions.DatasetNotFoundError(
+                f"Revision '{revision}' doesn't exist for dataset '{path}' on the Hub.")
+        return iter([{"text": d} for d in DOCS[:40]])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    args = ["--dataset", "bookcorpus/bookcorpus", "--dataset", "some/scripted:plain_text",
+            "--tokenizer", os.path.join(minilm_dir, "vocab.txt"), "--seq-len", "32", "--workers", "1"]
+    prepare_data.main([*args, "--out", str(tmp_path / "out")])
+    assert calls == [("bookcorpus/bookcorpus", None, None, None, "train", True),
+                     ("bookcorpus/bookcorpus", None, "refs/convert/parquet", None, "train", True),
+                     ("some/scripted", "plain_text", None, None, "train", True),  # the conversion's one config is
+                     ("some/scripted", None, "refs/convert/parquet", "plain_text", "train", True)]  # "default": by folder
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {path} ships a loading script, which datasets >= 4 no longer runs; reading its parquet "
+                     f"conversion (revision refs/convert/parquet) instead" for path in ("bookcorpus/bookcorpus", "some/scripted")]
+    meta = json.load(open(tmp_path / "out" / "meta.json"))
+    assert meta["sources"] == [{"kind": "hub", "name": "bookcorpus/bookcorpus", "revision": "refs/convert/parquet"},
+                               {"kind": "hub", "name": "some/scripted:plain_text", "revision": "refs/convert/parquet"}]
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 80
+    prepare_data.main([*args, "--out", str(tmp_path / "out")])  # what was read is a record, not a setting
+    assert "nothing to do" in capsys.readouterr().out
+    # a script and no conversion either: one line that says what to do
+    code, lines = main_error_lines(["--dataset", "no/conversion", *args[4:], "--out", tmp_path / "none"], capsys)
+    assert_refused(code, lines, tmp_path / "none", "dataset no/conversion ships a loading script and its parquet "
+                   "conversion cannot be read (Revision 'refs/convert/parquet' doesn't exist", "--input")
+
+
+def hub_env(tmp_path, **variables):
+    """This environment without proxies or a user's hub settings, plus `variables`."""
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and not k.startswith("HF_")}
+    return {**env, "HF_HOME": str(tmp_path / "hf"), **variables}
+
+
+def free_port():
+    """A local port that nothing listens on (the OS just handed it out and it is closed again)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_hub_fails_at_once_with_one_line(tmp_path, minilm_dir, monkeypatch):
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    out = tmp_path / "out"
+    for flags, local in (([], "--input and --tokenizer FILE"),  # the default corpus and tokenizer, both from the hub
+                         (["--tokenizer", os.path.join(minilm_dir, "vocab.txt")], "--input")):
+        start = time.time()
+        result = subprocess.run([sys.executable, PREPARE, *flags, "--out", str(out)], capture_output=True, text=True,
+                                cwd=REPO, env=hub_env(tmp_path, HF_ENDPOINT=endpoint), timeout=60)
+        seconds = time.time() - start
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"error: cannot reach the Hugging Face hub at {endpoint} (Connection refused) "
+                                   f"for the dataset wikimedia/wikipedia:20231101.en, the dataset bookcorpus/bookcorpus")
+        assert lines[0].endswith(f"; set HF_HUB_OFFLINE=1 to use what is in the local cache, or pass local files with {local}")
+        assert seconds < 5, f"{seconds:.1f} s to the error"
+        for leftover in (out, str(out) + ".partial", str(out) + ".lock"):
+            assert not os.path.exists(leftover), leftover
+    # the check goes where the request would: through a proxy when one is set, straight to the hub otherwise
+    import socket
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listening.getsockname()[1]}")
+        for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY", "HF_HUB_OFFLINE"):
+            monkeypatch.delenv(name, raising=False)
+        prepare_data.check_hub_reachable(["dataset some/set"])
+        monkeypatch.setenv("http_proxy", endpoint)
+        with pytest.raises(prepare_data.UserError, match="Connection refused"):
+            prepare_data.check_hub_reachable(["dataset some/set"])
+
+
+def test_offline_with_an_empty_cache_gets_one_line(tmp_path, minilm_dir):
+    env = hub_env(tmp_path, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "hf" / "datasets"),
+                  HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")  # were the hub asked, it would refuse
+    for flags, words in (
+        ([], ["error: tokenizer bert-large-uncased is not in the local cache and HF_HUB_OFFLINE=1 keeps the hub out",
+              "--tokenizer FILE"]),
+        (["--dataset", "some/set:en", "--tokenizer", os.path.join(minilm_dir, "vocab.txt")],
+         ["error: dataset some/set:en is not in the local cache (", "HF_HUB_OFFLINE=1 keeps the hub out", "--input"]),
+    ):
+        out = tmp_path / "out"
+        result = subprocess.run([sys.executable, PREPARE, *flags, "--out", str(out)], capture_output=True, text=True,
+                                cwd=REPO, env=env, timeout=120)
+        assert_clean_failure(result, out, *words)
