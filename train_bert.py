@@ -1,16 +1,21 @@
-"""Pretrain BERT with masked language modelling on a wall-clock budget, as in "How to Train BERT with
+r"""Pretrain BERT with masked language modelling on a wall-clock budget, as in "How to Train BERT with
 an Academic Budget" (Izsak et al. 2021): a pre-LayerNorm BERT-large, a sparse MLM head, LAMB, mixed
 precision and a learning rate that follows the clock.
 
-    python prepare_data.py --out data/wiki
-    torchrun --nproc_per_node 8 train_bert.py --data data/wiki --out runs/24h --hours 24
-    python train_bert.py --data data/demo --out runs/tiny --model tiny --batch 64 --micro-batch 32 --hours 0.1
+    python prepare_data.py                                                 # Wikipedia + BookCorpus -> data/prepared
+    torchrun --nproc_per_node 8 train_bert.py --out runs/24h --hours 24 --plan   # what 24 hours buy, in a minute
+    torchrun --nproc_per_node 8 train_bert.py --out runs/24h --hours 24          # the 24hBERT recipe
+    python train_bert.py --data data/demo --out runs/demo --model tiny --batch 64 --micro-batch 32 --max-steps 300 \
+        --lr 1e-2                                                          # the offline demo, on a CPU
+    python train_bert.py --plot runs/24h runs/24h-adamw --plot-file compare.png  # two runs in one picture
+    python train_bert.py --export-hf runs/24h hf/24h                       # for Hugging Face transformers
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id JOB \
         train_bert.py --data /shared/wiki --out /shared/runs/lans --optimizer lans --schedule lans --lr 0.005 \
         --warmup 0.05 --batch 98304 --micro-batch 64 --comm-hook bf16
 
-The file reads top to bottom: config -> model -> optimizer -> data -> schedule -> checkpoint -> the
-loop -> main(). finetune_glue.py imports BertEncoder and load_pretrained from here.
+The file reads top to bottom: config -> model -> optimizer -> data -> schedule -> checkpoints ->
+pretrained models (load, export) -> the loop -> the picture -> main(). finetune_glue.py imports
+BertEncoder and load_pretrained from here.
 """
 import time
 
@@ -22,10 +27,12 @@ import dataclasses
 import fcntl
 import glob
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import queue
+import resource
 import shutil
 import signal
 import socket
@@ -66,8 +73,11 @@ MODEL_PRESETS = {
     "base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256),  # for tests
 }
-MODEL_FLAGS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "dropout", "attention_dropout",
-               "pre_ln")  # the BertConfig fields the command line can override
+MODEL_FLAGS = {  # the BertConfig fields the command line can override, and what they mean
+    "hidden_size": "width of the embeddings and of every layer", "num_layers": "number of transformer layers",
+    "num_heads": "attention heads; they must divide --hidden-size", "intermediate_size": "width of the feed-forward layers",
+    "dropout": "dropout on the embeddings and on every residual branch", "attention_dropout": "dropout on the attention weights",
+    "pre_ln": "true: LayerNorm before each attention and feed-forward (24hBERT); false: after (the original BERT)"}
 
 
 def arg(default, help, **argparse_options):
@@ -77,7 +87,7 @@ def arg(default, help, **argparse_options):
 @dataclass
 class TrainConfig:
     """One training run. Each field is a command-line flag (--micro-batch for micro_batch)."""
-    data: str = arg("data", "folder written by prepare_data.py")
+    data: str = arg("data/prepared", "folder written by prepare_data.py, whose --out has the same default")
     out: str = arg("out", "folder for checkpoints/ and metrics.jsonl")
     hours: float = arg(24.0, "wall-clock budget; the run stops with a checkpoint before it runs out")
     model: str = arg("large", "model shape", choices=list(MODEL_PRESETS))
@@ -99,8 +109,11 @@ class TrainConfig:
     init_optimizer: bool = arg(False, "with --init-from: carry the optimizer's moments over too (same --optimizer)")
     seed: int = arg(0, "seed of the initialisation, the data order and dropout")
     compile: bool = arg(False, "run the model through torch.compile")
+    plan: bool = arg(False, "time a few dozen real micro-batches, say what the budget buys at that speed (steps, "
+                     "sequences, epochs, tokens per parameter) and exit without writing anything")
     checkpoint_minutes: float = arg(30.0, "minutes between checkpoints (one is always written at the end)")
-    val_minutes: float = arg(30.0, "minutes between validations on the held-out split")
+    val_minutes: float = arg(0.0, "minutes between validations on the held-out split (0: about 20 per run, at most "
+                             "30 minutes apart); every run also validates at its end")
     log_every: int = arg(10, "optimizer steps between log lines")
     peak_tflops: float = arg(0.0, "the device's peak TFLOP/s for MFU (0: look up the GPU's name)")
     comm_hook: str = arg("none", "how DDP sends gradients between processes: none (fp32 all-reduce), fp16 or "
@@ -487,6 +500,10 @@ def open_data(data_dir):
         incomplete(f"only {data_dir.rstrip('/')}.partial exists, so prepare_data.py is still running or was stopped")
     if not os.path.isdir(data_dir):
         fail(f"data directory {data_dir} does not exist; create it with prepare_data.py --out {data_dir}")
+    prepared_inside = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(data_dir, "*", "meta.json")))
+    if prepared_inside and not os.path.exists(os.path.join(data_dir, "meta.json")):
+        fail(f"{data_dir} is not a prepared data folder but holds {len(prepared_inside)}: "
+             f"{', '.join(os.path.basename(p) for p in prepared_inside)}; pass one, e.g. --data {prepared_inside[0]}")
     try:
         with open(os.path.join(data_dir, "meta.json"), "rb") as f:
             meta_bytes = f.read()
@@ -898,7 +915,8 @@ def resume(cfg, model, optimizer, scaler, model_config, data_sha256, rank, world
     state = checkpoint["state"]
     if len(checkpoint.get("rng") or []) == world_size:  # per-rank dropout streams continue where they were
         set_rng_state(checkpoint["rng"][rank], device)
-    log(f"resumed from {file} at step {state['step']}, {state['elapsed_s'] / 3600:.3f} h of the budget spent", rank)
+    log(f"resumed from {file} at step {state['step']}, {readable(state['elapsed_s'])} of the budget spent", rank)
+    record(cfg.out if rank == 0 else None, "resume", step=state["step"], file=file)  # later records replace later steps
     if newer and rank == 0:
         folder = set_aside(newer, cfg.out, state["step"])
         log(f"note: {len(newer)} newer checkpoint(s) moved to {folder}; this run is a new branch from step "
@@ -1303,7 +1321,7 @@ def train_step(train_model, optimizer, scaler, powersgd, batches, micro_batches,
 
     Returns (decisions, mean loss, gradient norm, data position after the step, seconds per micro-batch
     when timed). The loss and norm stay on the device; the all-reduce is the step's one host sync."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = optimizer_params(optimizer)
     loss_sum, micro_batch_s = torch.zeros((), device=device), []
     for i in range(micro_batches):
         started = time.time()
@@ -1446,16 +1464,18 @@ def record(out, kind, **values):
 
 
 def new_window(device):
-    """What the next log line averages over: the loss of the steps kept, the sequences and the time since
-    the last line, and the communication measured on a timed step."""
-    return dict(loss=torch.zeros((), device=device), kept_steps=0, sequences=0, started=time.time(),
-                comm_s=None, compute_s=None)
+    """What the next log line averages over: the loss of the steps kept, the steps, sequences and time
+    since the last line (and how much of it went to validations and checkpoints), and the communication
+    measured on a timed step."""
+    return dict(loss=torch.zeros((), device=device), kept_steps=0, steps=0, sequences=0, started=time.time(),
+                paused_s=0.0, comm_s=None, compute_s=None)  # paused: validating and checkpointing
 
 
 def add_to_window(window, loss, skipped, sequences, micro_batch_s):
     if not skipped:
         window["loss"] += loss
         window["kept_steps"] += 1
+    window["steps"] += 1
     window["sequences"] += sequences
     if micro_batch_s:  # the last micro-batch's extra time over the others is the communication not hidden
         computing_s = sum(micro_batch_s[:-1]) / (len(micro_batch_s) - 1)
@@ -1470,23 +1490,67 @@ def log_window(window, state, lr, grad_norm, cfg, speed, elapsed_s, rank, world_
     if world_size > 1:
         dist.all_reduce(loss)
     interval_s = time.time() - window["started"]
+    training_s = max(interval_s - window["paused_s"], 1e-9)  # speed: of training alone
     mean_loss = loss.item() / world_size / window["kept_steps"] if window["kept_steps"] else None  # None: all skipped
-    tokens_per_s = window["sequences"] * speed["seq_len"] / interval_s
+    tokens_per_s = window["sequences"] * speed["seq_len"] / training_s
     mfu = None
     if speed["peak_flops"]:
-        mfu = window["sequences"] / cfg.batch * speed["flops_per_step"] / interval_s / speed["peak_flops"]
+        mfu = window["sequences"] / cfg.batch * speed["flops_per_step"] / training_s / speed["peak_flops"]
+    left_s = seconds_left(cfg, state["step"], elapsed_s, interval_s / window["steps"])  # pace: with validations
     values = dict(step=state["step"], sequences=state["sequences_seen"], loss=mean_loss, lr=lr,
                   grad_norm=grad_norm.item(), tokens_per_s=tokens_per_s, mfu=mfu, elapsed_h=elapsed_s / 3600,
-                  remaining_h=(cfg.hours * 3600 - elapsed_s) / 3600, skipped_steps=state["skipped_steps"],
+                  remaining_h=left_s / 3600, skipped_steps=state["skipped_steps"],
                   comm_s=window["comm_s"], compute_s=window["compute_s"])
     loss_text = "n/a" if mean_loss is None else f"{mean_loss:.4f}"
     mfu_text = "n/a" if mfu is None else f"{mfu:.1%}"
     comm_text = "" if window["comm_s"] is None else \
         f" | comm {window['comm_s']:.3f} s + compute {window['compute_s']:.3f} s per step"
-    log(f"step {state['step']} | seqs {state['sequences_seen']} | loss {loss_text} | lr {lr:.3e} | "
+    steps_text = f"/{cfg.max_steps}" if cfg.max_steps else ""
+    log(f"step {state['step']}{steps_text} | seqs {state['sequences_seen']:,} | loss {loss_text} | lr {lr:.3e} | "
         f"grad norm {values['grad_norm']:.3f} | {tokens_per_s:,.0f} tokens/s | MFU {mfu_text}{comm_text} | "
-        f"elapsed {values['elapsed_h']:.3f} h | left {values['remaining_h']:.3f} h", rank)
+        f"{readable(elapsed_s)} elapsed, {readable(left_s)} left (ETA {clock_time(time.time() + left_s)})", rank)
     record(cfg.out if rank == 0 else None, "train", **values)
+
+
+def seconds_left(cfg, step, elapsed_s, step_s):
+    """The time the run still takes: to the deadline, or with --max-steps for the steps left at the recent
+    pace, if that ends first."""
+    to_deadline = max(0.0, cfg.hours * 3600 - elapsed_s)
+    return min(to_deadline, (cfg.max_steps - step) * step_s) if cfg.max_steps else to_deadline
+
+
+def validation_interval_s(cfg, step_s):
+    """--val-minutes, or by default about 20 validations over the run (its budget, or its --max-steps at
+    the pace so far), at most 30 minutes apart: a 10-minute run validates too."""
+    if cfg.val_minutes:
+        return cfg.val_minutes * 60
+    run_s = cfg.hours * 3600
+    if cfg.max_steps and step_s:
+        run_s = min(run_s, cfg.max_steps * step_s)
+    return min(30 * 60.0, run_s / 20)
+
+
+def readable(seconds):
+    """A duration as people say it: 0.34 s, 45 s, 12.5 min, 3.2 h."""
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+
+def amount(count):
+    """A large count as people say it: 850, 12.3k, 4.56M, 1.23B."""
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if count >= size:
+            return f"{count / size:.3g}{suffix}"
+    return f"{count:.3g}"
+
+
+def clock_time(timestamp):
+    """The local time of day, with the day when it is not today."""
+    when = time.localtime(timestamp)
+    return time.strftime("%H:%M" if when[:3] == time.localtime()[:3] else "%a %d %b %H:%M", when)
 
 
 def pick_precision(precision, device):
@@ -1511,6 +1575,9 @@ def describe_setup(cfg, model, optimizer_name, precision, world_size, micro_batc
         lines.append(f"note: --comm-hook {cfg.comm_hook} has no effect in a single process (nothing is communicated)")
     if val_split["sequences"] == 0:
         lines.append("note: the validation split is empty; validation is skipped")
+    if importlib.util.find_spec("matplotlib") is None:
+        lines.append(f"note: pip install matplotlib to get {cfg.out}/metrics.png, the picture of this run (or draw "
+                     f"it later: python train_bert.py --plot {cfg.out})")
     return lines
 
 
@@ -1553,7 +1620,7 @@ def finish(stop_reason, signal_number, last_file, write_error, state, cfg, elaps
     if stop_reason == "nonfinite":
         fail(f"stopped: {NONFINITE_STEPS_LIMIT} steps in a row had a non-finite loss, gradient or update; the "
              f"weights before them are in {last_file}; lower --lr or use --precision bf16/fp32")
-    log(f"stopped ({stop_reason}) at step {state['step']} after {elapsed_s / 3600:.3f} h; checkpoint: {last_file}", rank)
+    log(f"stopped ({stop_reason}) at step {state['step']} after {readable(elapsed_s)}; checkpoint: {last_file}", rank)
     if stop_reason == "signal":
         log(f"continue with the same command and --resume {cfg.out}", rank)
         sys.exit(128 + signal_number)
@@ -1611,6 +1678,120 @@ def resize_positions(table, rows, seed):
     return torch.cat([table, extra])
 
 
+BERT24H_SEQUENCES = 23_000 * 4096  # 24hBERT's run: about 23k steps of 4,096 sequences of 128 tokens
+PLAN_STEPS = 6  # measured optimizer steps, each of up to 4 micro-batches, after one to warm up
+
+
+def plan(cfg, train_model, optimizer, scaler, powersgd, splits, meta, device, precision, rank, world_size, speed):
+    """--plan: times a few dozen real micro-batches on the real data and device, after a warm-up step,
+    then says what the budget buys at that speed. A micro-batch that does not fit in memory is halved
+    until one does, and the plan says so. Writes nothing: no checkpoint, no --out."""
+    micro_batch = cfg.micro_batch
+    while True:
+        try:
+            step_s, peak_bytes = measure_step(dataclasses.replace(cfg, micro_batch=micro_batch), train_model,
+                                              optimizer, scaler, powersgd, splits["train"], meta, device, precision,
+                                              rank, world_size)
+            break
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            if micro_batch == 1 or cfg.batch % (world_size * (micro_batch // 2)):
+                fail(f"--micro-batch {micro_batch} does not fit in the memory of {torch.cuda.get_device_name(device)}, "
+                     f"and no smaller micro-batch divides --batch {cfg.batch}; choose a smaller --model")
+            micro_batch //= 2
+    train_sequences, n_params = splits["train"]["sequences"], sum(p.numel() for p in optimizer_params(optimizer))
+    # what a run spends besides training: startup (measured), checkpoints (at 100 MB/s for the weights and
+    # two moments) and validations (forward only: a third of a step per --batch of held-out sequences)
+    startup_s = time.time() - PROCESS_START_S
+    checkpoints = cfg.hours * 60 / cfg.checkpoint_minutes + 1 if cfg.checkpoint_minutes else 1
+    validations = cfg.hours * 60 / cfg.val_minutes + 1 if cfg.val_minutes else 21
+    overhead_s = checkpoints * 12 * n_params / 100e6 + validations * splits["val"]["sequences"] / cfg.batch * step_s / 3
+    budget = plan_budget(cfg, step_s, startup_s + overhead_s, train_sequences, splits["train"]["duplicates"],
+                         meta["seq_len"], n_params)
+    sequences_per_s = cfg.batch / step_s
+    mfu = f", MFU {speed['flops_per_step'] / step_s / speed['peak_flops']:.1%}" if speed["peak_flops"] else ""
+    memory = f"{peak_bytes / 2**30:.1f} GiB"
+    if device.type == "cuda":
+        memory += f" of {torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB per GPU"
+    lines = []
+    if micro_batch != cfg.micro_batch:
+        lines.append(f"--micro-batch {cfg.micro_batch} does not fit in memory; {micro_batch} does: pass --micro-batch "
+                     f"{micro_batch} (accumulation keeps --batch {cfg.batch}); the figures below are for it")
+    lines += [
+        f"plan: {PLAN_STEPS} optimizer steps of up to 4 micro-batches of {micro_batch}, timed after a warm-up step, on "
+        f"{world_size} x {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'} ({precision})",
+        f"speed: {readable(step_s)} per optimizer step of {cfg.batch:,} sequences ({cfg.batch // (world_size * micro_batch)} "
+        f"micro-batches per process) = {sequences_per_s:,.1f} sequences/s, {sequences_per_s * meta['seq_len']:,.0f} "
+        f"tokens/s{mfu}; peak memory {memory}",
+        f"budget: {readable(cfg.hours * 3600)}, of which about {readable(startup_s + overhead_s)} go to startup, "
+        f"checkpoints and validations",
+        f"it buys {budget['steps']:,} optimizer steps" + (f" (--max-steps {cfg.max_steps} would need "
+        f"{readable(cfg.max_steps * step_s)}: the deadline stops the run first)" if budget["deadline_first"] else
+        f" in {readable(budget['time_s'])}") + f": {amount(budget['sequences'])} sequences, {amount(budget['tokens'])} tokens",
+        f"that is {budget['epochs']:.2f} epochs of the {train_sequences:,} prepared training sequences, so "
+        f"{budget['maskings_used']} of the {splits['train']['duplicates']} maskings get used"
+        + (" (each several times)" if budget["epochs"] > splits["train"]["duplicates"] else ""),
+        f"tokens per parameter: {budget['tokens_per_parameter']:,.1f} ({n_params / 1e6:.1f}M parameters)",
+        f"24hBERT trained about 23k steps x 4,096 = 94M sequences of 128 tokens; this run: "
+        f"{budget['share_of_24hbert']:.2%} of those sequences",
+        "nothing was written; run the same command without --plan to train"]
+    for line in lines:
+        log(line, rank)
+
+
+def measure_step(cfg, train_model, optimizer, scaler, powersgd, train_split, meta, device, precision, rank,
+                 world_size):
+    """(seconds per optimizer step of --batch, peak memory in bytes), from PLAN_STEPS real steps of up to 4
+    micro-batches: one micro-batch's forward and backward, times the micro-batches of a step, plus the
+    rest of a step (the last micro-batch's all-reduce, unscaling, the agreement, the optimizer)."""
+    micro_batches = cfg.batch // (world_size * cfg.micro_batch)
+    measured = min(micro_batches, 4)
+    batches = prefetch(train_batches(train_split, cfg, meta["special_token_ids"]["pad"], rank, world_size, 0, 0,
+                                     pin_memory=device.type == "cuda"))
+
+    def no_wishes():  # no stop, checkpoint or validation; the agreement all-reduce still runs
+        return [0, 0, 0, 0, 0.0]
+
+    train_step(train_model, optimizer, scaler, powersgd, batches, measured, device, precision, world_size, no_wishes,
+               timed=True)  # warm-up: allocations, kernel choices, torch.compile
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    compute_s, last_s, rest_s = [], [], []
+    for _ in range(PLAN_STEPS):
+        started = time.time()
+        *_, micro_batch_s = train_step(train_model, optimizer, scaler, powersgd, batches, measured, device, precision,
+                                       world_size, no_wishes, timed=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        compute_s += micro_batch_s[:-1] or micro_batch_s
+        last_s.append(micro_batch_s[-1])
+        rest_s.append(time.time() - started - sum(micro_batch_s))
+    step_s = (micro_batches - 1) * float(np.median(compute_s)) + float(np.median(last_s)) + float(np.median(rest_s))
+    if device.type == "cuda":
+        return step_s, torch.cuda.max_memory_allocated(device)
+    return step_s, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts KiB
+
+
+def plan_budget(cfg, step_s, overhead_s, train_sequences, duplicates, seq_len, n_params):
+    """What a budget buys at step_s seconds per optimizer step, once overhead_s (startup, checkpoints,
+    validations) is spent: steps (--max-steps at most), sequences, tokens, epochs over the prepared data,
+    the maskings that get used (epoch e uses masking e % duplicates), tokens per parameter, and the share
+    of 24hBERT's sequences."""
+    steps_in_time = int(max(0.0, cfg.hours * 3600 - overhead_s) // step_s)
+    steps = min(cfg.max_steps, steps_in_time) if cfg.max_steps else steps_in_time
+    sequences = steps * cfg.batch
+    epochs = sequences / train_sequences
+    return dict(steps=steps, time_s=steps * step_s, deadline_first=bool(cfg.max_steps) and steps_in_time < cfg.max_steps,
+                sequences=sequences, tokens=sequences * seq_len, epochs=epochs,
+                maskings_used=min(duplicates, math.ceil(epochs)), tokens_per_parameter=sequences * seq_len / n_params,
+                share_of_24hbert=sequences / BERT24H_SEQUENCES)
+
+
+def optimizer_params(optimizer):
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def train(cfg):
     check_flags(cfg)
     rank, world_size, device = setup_processes()
@@ -1627,6 +1808,18 @@ def train(cfg):
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 needs loss scaling
     torch.manual_seed(cfg.seed + rank)  # a different dropout stream on every rank
 
+    train_model = torch.compile(model) if cfg.compile else model
+    powersgd = None
+    if world_size > 1:  # hand-written data parallelism: DDP all-reduces the gradients in backward
+        train_model, powersgd = wrap_ddp(train_model, cfg, device)
+    speed = dict(seq_len=seq_len, flops_per_step=flops_per_sequence(model_config, seq_len, meta["max_predictions"])
+                 * cfg.batch, peak_flops=peak_flops(cfg, device))
+    setup = describe_setup(cfg, model, optimizer_name, precision, world_size, micro_batches, powersgd, val_split)
+    if cfg.plan:  # measure, say what the budget buys, write nothing
+        log("\n".join(setup), rank)
+        return plan(cfg, train_model, optimizer, scaler, powersgd, splits, meta, device, precision, rank, world_size,
+                    speed)
+
     # --- where to start: a fresh run, or exactly where a checkpoint left off
     on_rank0(rank, world_size, lambda: prepare_output(cfg))  # one writer per --out
     state = dict(step=0, epoch=0, step_in_epoch=0, sequences_seen=0, elapsed_s=0.0, skipped_steps=0)
@@ -1634,20 +1827,11 @@ def train(cfg):
         state = resume(cfg, model, optimizer, scaler, model_config, data_sha256, rank, world_size, device)
     elif cfg.init_from:
         init_from(cfg, model, optimizer, model_config, tokenizer_json, rank)
+    log("\n".join(setup), rank)
     elapsed_before_s = state["elapsed_s"]
 
     def elapsed_s():  # time spent against the budget, over all resumed runs
         return elapsed_before_s + time.time() - PROCESS_START_S
-
-    train_model = torch.compile(model) if cfg.compile else model
-    powersgd = None
-    if world_size > 1:  # hand-written data parallelism: DDP all-reduces the gradients in backward
-        train_model, powersgd = wrap_ddp(train_model, cfg, device)
-    for line in describe_setup(cfg, model, optimizer_name, precision, world_size, micro_batches, powersgd,
-                               val_split):
-        log(line, rank)
-    speed = dict(seq_len=seq_len, flops_per_step=flops_per_sequence(model_config, seq_len, meta["max_predictions"])
-                 * cfg.batch, peak_flops=peak_flops(cfg, device))
     identity = dict(model_config=dataclasses.asdict(model_config), train_config=dataclasses.asdict(cfg),
                     tokenizer_json=tokenizer_json, tokenizer_sha256=meta["tokenizer_sha256"],
                     special_token_ids=meta["special_token_ids"], data_sha256=data_sha256)
@@ -1660,10 +1844,27 @@ def train(cfg):
         file, error = write_checkpoint(run, cfg.out, state["step"], rank, world_size, device)
         return file, error, time.time() - started
 
+    last_drawing, drawing_s = time.time(), 2.0  # drawing_s: guessed until measured
+
     def validate():
+        """The held-out loss and accuracy, logged and recorded."""
         val_loss, val_accuracy = evaluate(model, val_split, cfg.micro_batch, pad_id, rank, world_size, device, precision)
         log(f"validation at step {state['step']}: loss {val_loss:.4f}, masked-token accuracy {val_accuracy:.4f}", rank)
-        record(cfg.out if rank == 0 else None, "val", step=state["step"], val_loss=val_loss, val_accuracy=val_accuracy)
+        record(cfg.out if rank == 0 else None, "val", step=state["step"], val_loss=val_loss, val_accuracy=val_accuracy,
+               elapsed_h=elapsed_s() / 3600)
+
+    def draw(final=False):
+        """Rank 0 draws OUT/metrics.png anew: after a validation at most once a minute (which matters only
+        for runs of minutes), and at the end if the deadline leaves time for it."""
+        nonlocal last_drawing, drawing_s
+        if rank != 0 or not (time.time() - last_drawing >= 60 or final):
+            return
+        if final and cfg.hours * 3600 - elapsed_s() < drawing_s:
+            log(f"note: no time left to draw {cfg.out}/metrics.png; python train_bert.py --plot {cfg.out} draws it", rank)
+            return
+        started = time.time()
+        plot_runs([cfg.out], os.path.join(cfg.out, "metrics.png"))
+        last_drawing, drawing_s = time.time(), time.time() - started
 
     # --- the loop: one optimizer step per iteration
     batches = prefetch(train_batches(train_split, cfg, pad_id, rank, world_size, state["epoch"], state["step_in_epoch"],
@@ -1672,6 +1873,7 @@ def train(cfg):
     # (guessed at 100 MB/s for the weights and two moments until the first one is measured)
     step_s, validation_s, checkpoint_s = 0.0, 0.0, 12 * sum(p.numel() for p in model.parameters()) / 100e6
     last_checkpoint = last_validation = time.time()
+    validated_step = None if val_split["sequences"] else state["step"]  # an empty split: nothing to validate
     window, skipped_in_a_row, stop_reason, last_file, write_error = new_window(device), 0, None, None, None
     decisions = dict(signal=0)  # what all ranks agreed on at the last step
     # The schedule reads the clock that all ranks agree on (the largest), so that they use the same lr and
@@ -1687,11 +1889,13 @@ def train(cfg):
         # so its extra time over the others is the communication that backward did not hide.
         timed = world_size > 1 and micro_batches > 1 and (state["step"] + 1) % cfg.log_every == 0
 
-        def local_flags():  # stop unless another step, a validation and a checkpoint still fit
-            reserve_s = 1.5 * step_s + validation_s + checkpoint_s + 1.0
+        def local_flags():  # stop unless another step, a checkpoint and the last validation still fit
+            # a validation reads the split forward only: about a third of a step per --batch sequences
+            guessed_validation_s = val_split["sequences"] / cfg.batch * step_s / 3
+            reserve_s = 1.5 * step_s + (validation_s or guessed_validation_s) + checkpoint_s + 1.0
             return [cfg.hours * 3600 - elapsed_s() < reserve_s, STOP_SIGNALS[0] if STOP_SIGNALS else 0,
                     time.time() - last_checkpoint >= cfg.checkpoint_minutes * 60,
-                    time.time() - last_validation >= cfg.val_minutes * 60, elapsed_s()]
+                    time.time() - last_validation >= validation_interval_s(cfg, step_s), elapsed_s()]
 
         decisions, loss, grad_norm, position, micro_batch_s = train_step(
             train_model, optimizer, scaler, powersgd, batches, micro_batches, device, precision, world_size,
@@ -1713,19 +1917,23 @@ def train(cfg):
             if write_error:
                 break
             last_file, checkpoint_s, last_checkpoint = file, max(checkpoint_s, seconds), time.time()
-        if decisions["validation_due"] and val_split["sequences"]:
+            window["paused_s"] += seconds
+        if decisions["validation_due"] and validated_step != state["step"]:
             validation_started = time.time()
             validate()
-            last_validation = time.time()
+            draw()
+            last_validation, validated_step = time.time(), state["step"]
             validation_s = last_validation - validation_started
+            window["paused_s"] += validation_s
 
-    # --- the end: a checkpoint (unless the disk just refused one), then a line that says why
+    # --- the end: a checkpoint (unless the disk just refused one), a validation, then a line that says why
     stop_reason = stop_reason or ("write_failed" if write_error else "max_steps")
     if not write_error:
         file, write_error, _ = checkpoint(stop_reason)
         last_file = last_file if write_error else file
-    if stop_reason == "max_steps" and val_split["sequences"]:
+    if stop_reason in ("max_steps", "deadline", "signal") and validated_step != state["step"]:
         validate()
+    draw(final=True)
     if world_size > 1:
         # the work is done: torchrun's SIGTERM to the ranks still exiting when the first one ends would
         # only turn their exit status from 128 + signal into a kill
@@ -1733,6 +1941,81 @@ def train(cfg):
         dist.barrier()
         dist.destroy_process_group()
     finish(stop_reason, decisions["signal"], last_file, write_error, state, cfg, elapsed_s(), rank)
+
+
+# -----------------------------------------------------------------------------------------------
+# The picture of a run
+
+
+def read_metrics(run):
+    """(train records, validation records) of a run's metrics.jsonl, as the run now stands: a resume (a
+    rollback, or a crash after the last checkpoint) drops the records of the steps it repeats. A line cut
+    short by a kill is skipped. Raises ValueError when the run has no metrics.jsonl."""
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise ValueError(f"{run} has no metrics.jsonl; pass a run's --out folder")
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
+                continue
+            if entry.get("kind") == "resume":
+                kept = [r for r in kept if r["step"] <= entry["step"]]
+            elif entry.get("kind") in ("train", "val"):
+                kept.append(entry)
+    return [r for r in kept if r["kind"] == "train"], [r for r in kept if r["kind"] == "val"]
+
+
+def plot_runs(runs, png):
+    """Draws the training and validation loss, the learning rate, tokens/s and MFU of one or more runs
+    against the time they took into one PNG (written atomically). Returns None, or why it could not."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # no screen needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib)"
+    histories = {run: read_metrics(run) for run in runs}
+    longest_h = max([r.get("elapsed_h") or 0 for train, val in histories.values() for r in train + val] + [0])
+    unit, per_hour = ("h", 1) if longest_h >= 2 else ("min", 60)
+    figure, ((loss_axis, lr_axis), (speed_axis, mfu_axis)) = plt.subplots(2, 2, figsize=(12, 7.5))
+    for color, (run, (train, val)) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 9, histories.items()):
+        name = os.path.basename(os.path.normpath(run))
+        hours_at_step = {r["step"]: r["elapsed_h"] for r in train}
+
+        def series(records, key):
+            points = [((r.get("elapsed_h") or hours_at_step.get(r["step"])), r.get(key)) for r in records]
+            points = [(h * per_hour, y) for h, y in points if h is not None and y is not None]
+            return [x for x, _ in points], [y for _, y in points]
+
+        loss_axis.plot(*series(train, "loss"), color=color, alpha=0.6, label=f"{name} train")
+        loss_axis.plot(*series(val, "val_loss"), "o-", color=color, label=f"{name} validation")
+        lr_axis.plot(*series(train, "lr"), color=color, label=name)
+        speed_axis.plot(*series(train, "tokens_per_s"), color=color, label=name)
+        mfu_x, mfu_y = series(train, "mfu")
+        mfu_axis.plot(mfu_x, [100 * y for y in mfu_y], color=color, label=name)
+    for axis, title in ((loss_axis, "MLM loss"), (lr_axis, "learning rate"), (speed_axis, "tokens/s"),
+                        (mfu_axis, "MFU (%)")):
+        axis.set_title(title)
+        axis.set_xlabel(f"time ({unit})")
+        axis.grid(alpha=0.3)
+        if axis.lines and any(line.get_xdata().size for line in axis.lines):
+            axis.legend(fontsize="small")
+    if not any(line.get_xdata().size for line in mfu_axis.lines):
+        mfu_axis.text(0.5, 0.5, "no MFU: the device's peak is unknown\n(--peak-tflops sets it)", ha="center",
+                      va="center", transform=mfu_axis.transAxes)
+        mfu_axis.set_xticks([])
+        mfu_axis.set_yticks([])
+    figure.suptitle(", ".join(os.path.basename(os.path.normpath(run)) for run in runs))
+    figure.tight_layout()
+    figure.savefig(png + ".tmp.png", dpi=100)
+    plt.close(figure)
+    os.replace(png + ".tmp.png", png)
+    return None
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1756,24 +2039,42 @@ def parse_args(argv=None):
         if isinstance(f.default, bool):
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, **f.metadata)
-    group = parser.add_argument_group("model overrides (default: the --model preset)")
+            shown = f.default if f.default != "" else "none"
+            parser.add_argument(flag, type=type(f.default), default=f.default,
+                                **{**f.metadata, "help": f"{f.metadata['help']} (default: {shown})"})
+    group = parser.add_argument_group("model overrides (default: the --model preset's values)")
     for f in fields(BertConfig):
         if f.name in MODEL_FLAGS:
-            group.add_argument("--" + f.name.replace("_", "-"), default=None,
+            group.add_argument("--" + f.name.replace("_", "-"), default=None, help=MODEL_FLAGS[f.name],
                                type=parse_bool if isinstance(f.default, bool) else type(f.default))
     commands = parser.add_argument_group("instead of training")
     commands.add_argument("--export-hf", nargs=2, metavar=("CHECKPOINT_OR_RUN", "DIR"),
                           help="write a checkpoint as a Hugging Face folder (BertForMaskedLM for post-LN models, "
                                "RobertaPreLayerNormForMaskedLM for pre-LN ones) and exit")
+    commands.add_argument("--plot", nargs="+", metavar="RUN", help="draw RUN/metrics.png from RUN/metrics.jsonl; "
+                          "several runs: one picture that overlays them (see --plot-file) and exit")
+    commands.add_argument("--plot-file", metavar="PNG", help="where --plot draws (default: RUN/metrics.png for one run, "
+                          "runs-compared.png for several)")
     args = vars(parser.parse_args(argv))
-    export = args.pop("export_hf")
+    commands = {name: args.pop(name) for name in ("export_hf", "plot", "plot_file")}
     overrides = {name: args.pop(name) for name in MODEL_FLAGS}
-    return TrainConfig(**args, model_overrides={k: v for k, v in overrides.items() if v is not None}), export
+    return TrainConfig(**args, model_overrides={k: v for k, v in overrides.items() if v is not None}), commands
 
 
 def main(argv=None):
-    cfg, export = parse_args(argv)
+    cfg, commands = parse_args(argv)
+    export = commands["export_hf"]
+    if commands["plot"]:
+        runs = commands["plot"]
+        png = commands["plot_file"] or (os.path.join(runs[0], "metrics.png") if len(runs) == 1 else "runs-compared.png")
+        try:
+            problem = plot_runs(runs, png)
+        except (ValueError, OSError) as error:
+            problem = str(error)
+        if problem:
+            fail(f"cannot draw {png}: {problem}")
+        print(f"drew {png}")
+        return
     if export:
         try:
             architecture, file = export_hugging_face(*export)

@@ -456,6 +456,7 @@ def test_stops_before_the_deadline_with_a_loadable_checkpoint(small_wikitext, tm
     lrs = [r["lr"] for r in train]  # the clock's schedule: the run starts after warmup (0.6 s) has passed
     assert lrs == sorted(lrs, reverse=True) and lrs[0] > 2 * lrs[-1] and lrs[-1] < 0.3e-3
     assert records(out, "val")  # --val-minutes 0.03: validated every 2 s
+    assert records(out, "val")[-1]["step"] == checkpoint["state"]["step"]  # and at the end, inside the budget
     load_pretrained(str(out))
 
 
@@ -504,6 +505,7 @@ def test_ctrl_c_stops_with_a_checkpoint(small_wikitext, tmp_path):
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stdout + stderr
     assert "stopped (signal)" in stdout and final_state(out)["stop_reason"] == "signal"
+    assert records(out, "val")[-1]["step"] == final_state(out)["state"]["step"]  # validated at the end too
 
 
 def test_torchrun_two_processes_equal_one_with_accumulation(small_wikitext, tmp_path):
