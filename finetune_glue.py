@@ -23,11 +23,14 @@ import shutil
 import socket
 import sys
 import time
+import urllib.parse
+import urllib.request
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from train_bert import load_pretrained
 
@@ -63,6 +66,11 @@ FLAG_RANGES = {
     "max_train_examples": (lambda value: value >= 1, "positive numbers"),
 }
 POLL_SECONDS = 2  # how often a process that waits for other processes' MNLI runs looks again
+HUB_CONNECT_TIMEOUT_S = 2  # a lost SYN is sent again after 1 s, so one loss still connects in time
+# A run's progress bar on a terminal, one line: "rte lr=3e-05 batch=32 epochs=3 seed=0  41%|████    | 3072/7470
+# examples, 35.20 examples/s, ETA 02:05". rate_noinv: in examples/s however slow, never in s/example.
+PROGRESS_FORMAT = ("{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} examples, {rate_noinv_fmt}, "
+                   "ETA {remaining}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,6 +228,32 @@ def read_task(cfg, task):
     return data
 
 
+def hub_offline():
+    """HF_HUB_OFFLINE=1 (or ON, YES, TRUE, as huggingface_hub reads it): datasets reads its local cache only."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_hub_reachable():
+    """Without the hub, datasets retries for about 25 s and prints a line per retry; one TCP connection to the
+    host of HF_ENDPOINT, or to the proxy that would carry the request, tells the same in a second or two.
+    Nothing to check with HF_HUB_OFFLINE=1, where nothing is fetched."""
+    if hub_offline():
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    url = urllib.parse.urlsplit(endpoint)
+    if not url.hostname:
+        fail(f"HF_ENDPOINT must be a URL such as https://huggingface.co, not {endpoint!r}; correct it or unset it.")
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname):
+        url = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        socket.create_connection((url.hostname, port), timeout=HUB_CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as error:  # no such host, refused, timed out; ValueError: a port that is not a number
+        fail(f"cannot reach the Hugging Face hub at {endpoint} ({getattr(error, 'strerror', None) or error}) for GLUE; "
+             "set HF_HUB_OFFLINE=1 to use GLUE from the local cache, or pass --glue-dir with GLUE's files.")
+
+
 def read_task_from_hub(task):
     import datasets  # only needed without --glue-dir
 
@@ -228,6 +262,9 @@ def read_task_from_hub(task):
         if task == "mnli":
             dataset["ax"] = datasets.load_dataset("nyu-mll/glue", "ax")["test"]
     except Exception as error:  # no network, no such dataset, ...: the user's fix is the same
+        if hub_offline():
+            fail(f"GLUE's {task} is not in the local cache and HF_HUB_OFFLINE=1 keeps the hub out; unset "
+                 "HF_HUB_OFFLINE to download it, or pass --glue-dir with GLUE's files.")
         fail(f"could not load GLUE's {task} from the Hugging Face hub ({type(error).__name__}); "
              "download GLUE and pass --glue-dir.")
     column_a, column_b = TASKS[task]["hub_columns"]  # the diagnostic set's are MNLI's: premise, hypothesis
@@ -429,17 +466,6 @@ def predict(model, tokens, batch_size, device):
     return outputs
 
 
-def show_progress(label, examples_done, examples_total, seconds):
-    """A one-line progress bar on a terminal; nothing in logs."""
-    if not sys.stderr.isatty():
-        return
-    examples_per_s = examples_done / max(seconds, 1e-9)
-    eta_s = (examples_total - examples_done) / max(examples_per_s, 1e-9)
-    bar = "#" * (20 * examples_done // examples_total)
-    print(f"\r{label} [{bar:<20}] {examples_done}/{examples_total} examples {examples_per_s:.0f} ex/s "
-          f"ETA {int(eta_s // 60)}:{int(eta_s % 60):02d} ", end="", file=sys.stderr, flush=True)
-
-
 def fine_tune(cfg, task, train, encoder, pooler_state, lr, batch_size, epochs, seed, device, label):
     """Fine-tune a copy of the encoder on a tokenized training split with one configuration and seed.
     Returns the model, the training time in seconds and the number of optimizer steps skipped because
@@ -451,37 +477,38 @@ def fine_tune(cfg, task, train, encoder, pooler_state, lr, batch_size, epochs, s
     optimizer = make_optimizer(model, lr, cfg.weight_decay)
     total_steps = epochs * math.ceil(len(train["lengths"]) / batch_size)
     warmup_steps = int(cfg.warmup_fraction * total_steps)
-    examples_total, examples_done, step, skipped_steps = epochs * len(train["lengths"]), 0, 0, 0
+    step, skipped_steps = 0, 0
     started = time.time()
     model.train()
-    for _ in range(epochs):
-        for rows in length_grouped_batches(train["lengths"], batch_size, rng):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, lr, warmup_steps, total_steps)
-            batch = make_batch(train, rows, device)
-            with autocast(device):
-                outputs = model(batch["input_ids"], batch["token_type_ids"], batch.get("attention_mask"))
-            if num_outputs == 1:
-                loss = F.mse_loss(outputs.float().squeeze(-1), batch["labels"].float())
-            else:
-                loss = F.cross_entropy(outputs.float(), batch["labels"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            # One NaN or inf in a step would make every weight NaN: skip such a step instead. (Asking
-            # costs a wait for the GPU each step, little next to the step itself.)
-            if torch.isfinite(loss) and torch.isfinite(grad_norm):
-                optimizer.step()
-            else:
-                skipped_steps += 1
-            step += 1
-            examples_done += len(rows)
-            show_progress(label, examples_done, examples_total, time.time() - started)
+    # A bar on a terminal only (disable=None: none in a log). leave=False: the line the sweep prints for
+    # the finished run takes its place.
+    with tqdm(total=epochs * len(train["lengths"]), desc=label, unit=" examples", file=sys.stderr, disable=None,
+              leave=False, bar_format=PROGRESS_FORMAT) as progress:
+        for _ in range(epochs):
+            for rows in length_grouped_batches(train["lengths"], batch_size, rng):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, lr, warmup_steps, total_steps)
+                batch = make_batch(train, rows, device)
+                with autocast(device):
+                    outputs = model(batch["input_ids"], batch["token_type_ids"], batch.get("attention_mask"))
+                if num_outputs == 1:
+                    loss = F.mse_loss(outputs.float().squeeze(-1), batch["labels"].float())
+                else:
+                    loss = F.cross_entropy(outputs.float(), batch["labels"])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                # One NaN or inf in a step would make every weight NaN: skip such a step instead. (Asking
+                # costs a wait for the GPU each step, little next to the step itself.)
+                if torch.isfinite(loss) and torch.isfinite(grad_norm):
+                    optimizer.step()
+                else:
+                    skipped_steps += 1
+                step += 1
+                progress.update(len(rows))  # cheap: it redraws at most every 0.1 s
     if device.type == "cuda":
         torch.cuda.synchronize()  # the GPU may still be working through the last steps
     train_seconds = time.time() - started
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
     return model, train_seconds, skipped_steps
 
 
@@ -659,6 +686,14 @@ def choose(runs):
     return median_run(best), len(best)
 
 
+def seed_spread(runs, chosen):
+    """(min, median, max) of the scores over seeds of the chosen run's configuration; the median is
+    the chosen run's score. One lucky seed can lift a small task's max by points: GLUE's known trap."""
+    scores = [run["score"] for run in runs
+              if (run["lr"], run["batch_size"], run["epochs"]) == (chosen["lr"], chosen["batch_size"], chosen["epochs"])]
+    return min(scores), chosen["score"], max(scores)
+
+
 def format_metrics(metrics):
     return ", ".join(f"{name} {value:.1f}" for name, value in metrics.items())
 
@@ -673,8 +708,8 @@ def write_reports(cfg, results):
              "Per task: the configuration whose median dev score over seeds is best, and the metrics of its "
              "median run (the run in `submission/`).", "",
              "| task | metrics | chosen lr, batch, epochs | seeds | dev (median run) | score "
-             "| 24hBERT (paper, test) | BERT-base (paper, test) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| score over seeds (min / median / max) | 24hBERT (paper, test) | BERT-base (paper, test) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     scores = []
     for task in TASKS:
         runs = [run for run in results["runs"] if run["task"] == task]
@@ -688,14 +723,18 @@ def write_reports(cfg, results):
                 shutil.copyfile(source, target + ".tmp")
                 os.replace(target + ".tmp", target)
         init = " (from MNLI)" if run["init"] != "pretrained" else ""
+        spread = " / ".join(f"{score:.1f}" for score in seed_spread(runs, run))
         lines.append(f"| {TASKS[task]['folder']} | {' / '.join(run['metrics'])} "
                      f"| {run['lr']:g}, {run['batch_size']}, {run['epochs']}{init} | {seeds} "
                      f"| {' / '.join(f'{value:.1f}' for value in run['metrics'].values())} | {run['score']:.1f} "
-                     f"| {PAPER_FIGURES[task][0]} | {PAPER_FIGURES[task][1]} |")
+                     f"| {spread} | {PAPER_FIGURES[task][0]} | {PAPER_FIGURES[task][1]} |")
     if scores:
         lines.append(f"| **GLUE average** ({len(scores)} of 9 tasks) | mean of task scores | | | "
-                     f"| **{sum(scores) / len(scores):.1f}** | | |")
+                     f"| **{sum(scores) / len(scores):.1f}** | | | |")
     lines += ["", "A task's score is the mean of its metrics; MNLI's is the mean of matched and mismatched accuracy. "
+              "Score over seeds: the lowest, the median and the highest score of the chosen configuration's seeds "
+              "(of an even number, the lower middle one is the median); a wide spread means a single run's score "
+              "says little. "
               "The reference figures are GLUE test-server scores (MRPC and QQP F1, STS-B Pearson): BERT-base "
               "from Devlin et al. (2019) Table 1, 24hBERT as Papers with Code lists the paper's results; "
               "they are for orientation only, dev and test sets differ.", ""]
@@ -838,18 +877,29 @@ def sweep_task(cfg, task, data, tokenizer, encoder, pooler_state, origin, device
 # ---------------------------------------------------------------------------------------------------
 # The command line
 
+def spaced(values):
+    """A default list as it is typed on the command line: 1e-05 3e-05 5e-05 8e-05."""
+    return " ".join(str(value) for value in values)
+
+
 def parse_args(argv):
     defaults = Config(checkpoint="", tasks=(), out="")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="train_bert.py checkpoint or Hugging Face BERT directory")
     parser.add_argument("--task", nargs="+", required=True, help=f"one or more of {' '.join(TASKS)}, or all")
     parser.add_argument("--out", required=True, help="folder for results.json, results.md, runs/ and submission/")
-    parser.add_argument("--glue-dir", help="GLUE's data folder (CoLA/, SST-2/, ...); without it, the hub")
-    parser.add_argument("--lr", type=float, nargs="+", default=defaults.learning_rates, help="peak learning rates")
-    parser.add_argument("--batch", type=int, nargs="+", default=defaults.batch_sizes, help="batch sizes")
-    parser.add_argument("--epochs", type=int, nargs="+", default=defaults.epochs, help="numbers of epochs")
-    parser.add_argument("--seeds", type=int, default=defaults.seeds, help="seeds per configuration")
-    parser.add_argument("--max-train-examples", type=int, help="train on the first N training rows only")
+    parser.add_argument("--glue-dir", help="GLUE's data folder, with CoLA/, SST-2/, ... (default: GLUE from the "
+                                           "Hugging Face hub, or from its local cache with HF_HUB_OFFLINE=1)")
+    parser.add_argument("--lr", type=float, nargs="+", default=defaults.learning_rates,
+                        help=f"peak learning rates (default: {spaced(defaults.learning_rates)})")
+    parser.add_argument("--batch", type=int, nargs="+", default=defaults.batch_sizes,
+                        help=f"batch sizes (default: {spaced(defaults.batch_sizes)})")
+    parser.add_argument("--epochs", type=int, nargs="+", default=defaults.epochs,
+                        help=f"numbers of epochs (default: {spaced(defaults.epochs)})")
+    parser.add_argument("--seeds", type=int, default=defaults.seeds,
+                        help=f"seeds per configuration: 0, 1, ..., SEEDS - 1 (default: {defaults.seeds})")
+    parser.add_argument("--max-train-examples", type=int, metavar="N",
+                        help="train on the first N training rows only, for quick checks (default: all rows)")
     parser.add_argument("--from-mnli", action="store_true",
                         help="start RTE, MRPC and STS-B from the chosen MNLI run (runs mnli first)")
     parser.error = lambda message: fail(f"{message}; see --help.")  # one line, exit status 1, as for every mistake
@@ -909,6 +959,8 @@ def sweep(cfg):
     device = pick_device()
     if not os.path.exists(cfg.checkpoint):
         fail(f"checkpoint {cfg.checkpoint} does not exist; pass a train_bert.py checkpoint or a Hugging Face BERT directory.")
+    if cfg.glue_dir is None:
+        check_hub_reachable()
     data = {task: read_task(cfg, task) for task in cfg.tasks}  # all first: a bad file stops us before hours of training
     try:
         encoder, tokenizer, pooler_state, origin = load_pretrained(cfg.checkpoint)

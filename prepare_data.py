@@ -920,28 +920,42 @@ def write_dataset(cfg, sources, settings, folder):
 def parse_args(argv=None):
     d = PrepareConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=d.out, help="output folder (written as OUT.partial, renamed when complete)")
+    p.add_argument("--out", default=d.out,
+                   help=f"output folder, written as OUT.partial and renamed when complete (default: {d.out})")
     p.add_argument("--dataset", action="append", default=[], metavar="NAME[:CONFIG]",
-                   help=f"a Hugging Face dataset, repeatable; default {' + '.join(DEFAULT_DATASETS)}")
+                   help=f"a Hugging Face dataset, repeatable (default: {' + '.join(DEFAULT_DATASETS)}, "
+                        "when no --input is given)")
     p.add_argument("--input", action="append", default=[], metavar="PATH",
                    help="a local file, folder or glob, repeatable: plain text, .jsonl or .parquet")
     p.add_argument("--demo", action="store_true", help="the offline demo corpus: this Python's standard-library docstrings")
-    p.add_argument("--text-column", default=d.text_column, help="text field of .jsonl/.parquet files and hub datasets")
+    p.add_argument("--text-column", default=d.text_column,
+                   help=f"text field of .jsonl/.parquet files and hub datasets (default: {d.text_column})")
     p.add_argument("--doc-sep", default=d.doc_sep, choices=["line", "blank", "file"],
-                   help="plain text: one document per line, per block between blank lines, or per file (a book)")
-    p.add_argument("--tokenizer", default=d.tokenizer, help=f"tokenizer.json, BERT vocab.txt or hub name (default {DEFAULT_TOKENIZER})")
+                   help="plain text: one document per line, per block between blank lines, or per file (a book) "
+                        f"(default: {d.doc_sep})")
+    p.add_argument("--tokenizer", default=d.tokenizer,
+                   help=f"tokenizer.json, BERT vocab.txt or hub name (default: {DEFAULT_TOKENIZER}, from the hub)")
     p.add_argument("--train-tokenizer", action="store_true", help="train a lower-cased WordPiece vocabulary on the corpus")
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="with --train-tokenizer")
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--dup-factor", type=int, default=d.dup_factor, help="different maskings of every training sequence")
-    p.add_argument("--mask-prob", type=float, default=d.mask_prob)
-    p.add_argument("--max-predictions", type=int, default=d.max_predictions, help="masked tokens per sequence at most")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="documents held out for validation")
-    p.add_argument("--max-val-docs", type=int, default=d.max_val_docs, help="cap on validation documents")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size,
+                   help=f"size of the vocabulary that --train-tokenizer trains (default: {d.vocab_size})")
+    p.add_argument("--seq-len", type=int, default=d.seq_len,
+                   help=f"tokens per row, [CLS] and [SEP] included (default: {d.seq_len})")
+    p.add_argument("--dup-factor", type=int, default=d.dup_factor,
+                   help=f"different maskings of every training row (default: {d.dup_factor})")
+    p.add_argument("--mask-prob", type=float, default=d.mask_prob,
+                   help=f"fraction of a row's tokens that are masked and predicted (default: {d.mask_prob})")
+    p.add_argument("--max-predictions", type=int, default=d.max_predictions,
+                   help=f"masked tokens per row at most (default: {d.max_predictions})")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help=f"fraction of documents held out for validation (default: {d.val_fraction})")
+    p.add_argument("--max-val-docs", type=int, default=d.max_val_docs,
+                   help=f"cap on validation documents (default: {d.max_val_docs})")
     p.add_argument("--shard-size", type=int, default=d.shard_size,
-                   help="rows per shard file, at least: a shard closes after the chunk of text that fills it")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--workers", type=int, default=d.workers, help="processes; 0 = all cores")
+                   help="rows per shard file, at least: a shard closes after the chunk of text that fills it "
+                        f"(default: {d.shard_size})")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"seed of the validation split and of the masking (default: {d.seed})")
+    p.add_argument("--workers", type=int, default=d.workers, help=f"processes; 0 = all cores (default: {d.workers})")
     p.error = usage_error
     return PrepareConfig(**vars(p.parse_args(argv)))
 

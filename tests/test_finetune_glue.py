@@ -5,9 +5,11 @@ several processes, and real fine-tuning of all-MiniLM-L6-v2 on SST-2."""
 import dataclasses
 import errno
 import fcntl
+import functools
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -231,17 +233,28 @@ def test_make_batch_pads_to_the_longest_row_and_masks_padding():
 
 
 def test_progress_bar_on_a_terminal_only(monkeypatch):
+    """tqdm's disable=None: a bar with examples/s and an ETA on a terminal, cleared when the run ends (its
+    summary line takes its place); nothing at all in a log."""
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
-    terminal = Terminal()
-    monkeypatch.setattr(sys, "stderr", terminal)
-    finetune_glue.show_progress("rte seed=0", 50, 100, 2.0)
-    assert terminal.getvalue() == "\rrte seed=0 [##########          ] 50/100 examples 25 ex/s ETA 0:02 "
-    log = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", log)
-    finetune_glue.show_progress("rte seed=0", 50, 100, 2.0)
+    torch.manual_seed(0)
+    encoder = train_bert.BertEncoder(train_bert.BertConfig(**train_bert.MODEL_PRESETS["tiny"], vocab_size=64))
+    rng = np.random.default_rng(0)
+    train = dict(input_ids=rng.integers(5, 64, (8, 6)).astype(np.int32), token_type_ids=np.zeros((8, 6), dtype=np.int8),
+                 lengths=np.full(8, 6), labels=np.array([0, 1] * 4))
+    # every step redraws here (the tiny steps take less than the 0.1 s between redraws otherwise)
+    monkeypatch.setattr(finetune_glue, "tqdm", functools.partial(finetune_glue.tqdm, mininterval=0, miniters=1))
+    terminal, log = Terminal(), io.StringIO()
+    for stream in (terminal, log):
+        monkeypatch.setattr(sys, "stderr", stream)
+        finetune_glue.fine_tune(config(), "rte", train, encoder, None, 1e-3, 2, 2, 0, torch.device("cpu"), "rte seed=0")
+    frames = terminal.getvalue().split("\r")
+    assert frames[0] == "" and frames[1] == "rte seed=0   0%|          | 0/16 examples, ? examples/s, ETA ?"
+    assert len(frames) == 1 + 9 + 2  # the empty bar, one per step (2 epochs of 4 batches of 2), the clearing
+    assert re.fullmatch(r"rte seed=0  50%\|.{10}\| 8/16 examples, \d+\.\d\d examples/s, ETA 00:00", frames[5])
+    assert frames[-2].strip() == "" and frames[-1] == ""  # cleared
     assert log.getvalue() == ""
 
 
@@ -308,6 +321,25 @@ def test_results_md_reports_chosen_configs_and_glue_average(tmp_path):
     assert f"| **GLUE average** (3 of 9 tasks) | mean of task scores | | | | **{(70 + 85 + 80.5) / 3:.1f}** |" in table
     assert (tmp_path / "submission" / "RTE.tsv").read_text() == "index\tprediction\n0\truns/rte/x3e-05-0\n"
     assert sorted(os.listdir(tmp_path / "submission")) == ["AX.tsv", "MNLI-m.tsv", "MNLI-mm.tsv", "MRPC.tsv", "RTE.tsv"]
+
+
+def test_results_md_shows_the_spread_over_seeds_of_the_chosen_configuration(tmp_path):
+    def record(task, lr, seed, score):
+        metrics = {"accuracy": score} if task == "rte" else {"f1": score + 2, "accuracy": score - 2}
+        return dict(run(lr, seed, score), task=task, init="pretrained", metrics=metrics, run_dir=f"runs/{task}/{lr}-{seed}")
+
+    runs = [record("rte", 1e-5, seed, score) for seed, score in enumerate([60, 71, 65, 58, 69])]   # median 65
+    runs += [record("rte", 3e-5, seed, score) for seed, score in enumerate([66, 64, 80, 50, 67])]  # median 66: chosen
+    runs += [record("mrpc", 2e-5, seed, score) for seed, score in enumerate([85, 88, 82, 90])]     # even: the lower middle
+    assert finetune_glue.seed_spread(runs[:10], finetune_glue.choose(runs[:10])[0]) == (50, 66, 80)
+    finetune_glue.write_reports(config(out=str(tmp_path)), {"settings": {"checkpoint": "ckpt"}, "runs": runs})
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| task |"))
+    assert "| score | score over seeds (min / median / max) | 24hBERT (paper, test) |" in header
+    assert "| RTE | accuracy | 3e-05, 16, 3 | 5 | 66.0 | 66.0 | 50.0 / 66.0 / 80.0 | 57.7 | 66.4 |" in lines
+    assert "| MRPC | f1 / accuracy | 2e-05, 16, 3 | 4 | 87.0 / 83.0 | 85.0 | 82.0 / 85.0 / 90.0 | 87.5 | 88.9 |" in lines
+    table = [line for line in lines if line.startswith("|")]
+    assert len(table) == 5 and {line.count("|") for line in table} == {header.count("|")}  # GLUE average row too
 
 
 def test_submission_files_spell_labels_as_glue_does(tmp_path):
@@ -548,6 +580,34 @@ def test_command_line_mistakes_are_one_line_too(capsys):
         "the following arguments are required: --out; see --help.")
 
 
+def help_texts(help_output):
+    """{flag: its help text on one line} from the options that --help lists; "" for a flag without one."""
+    options = help_output.split("\noptions:\n")[1]
+    texts = {}
+    for entry in re.split(r"\n(?=  -)", options.rstrip()):
+        invocation, _, text = entry.strip().partition("  ")  # argparse puts two spaces or more before the help
+        flag = [word.rstrip(",") for word in invocation.split() if word.startswith("-")][-1]  # --help of -h, --help
+        texts[flag] = " ".join(text.split())
+    return texts
+
+
+def test_help_shows_a_text_and_the_default_of_every_flag(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    help_output = run_script("finetune_glue.py", "--help").stdout
+    texts = help_texts(help_output)
+    usage_flags = re.findall(r"(--[a-z-]+)", help_output.split("\n\n")[0])
+    assert set(texts) == {"--help", *usage_flags} and len(usage_flags) == 10
+    for flag, text in texts.items():  # a text, and more in it than the flag's own words
+        assert set(re.findall(r"[a-z]+", text.lower())) - set(flag.strip("-").split("-")), f"{flag} has no help text"
+    assert texts["--lr"].endswith("(default: 1e-05 3e-05 5e-05 8e-05)")
+    assert texts["--batch"].endswith("(default: 16 32)") and texts["--epochs"].endswith("(default: 3 5)")
+    assert texts["--seeds"].endswith("(default: 5)") and texts["--max-train-examples"].endswith("(default: all rows)")
+    assert "(default: GLUE from the Hugging Face hub, or from its local cache with HF_HUB_OFFLINE=1)" in texts["--glue-dir"]
+    # the docstring's example keeps its line
+    assert "    python finetune_glue.py --checkpoint runs/bert --task all --glue-dir glue_data --out runs/glue" \
+        in help_output.splitlines()
+
+
 def stsb_dev_tsv(score):
     header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
     return (header + "0\tg\tf\ty\t0\tn\tn\ta\tb\t2.4\n" + f"1\tg\tf\ty\t1\tn\tn\ta\tb\t{score}\n").encode()
@@ -590,6 +650,61 @@ def test_bad_rows_from_the_hub_name_the_task_and_split(monkeypatch, capsys, bad_
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert message in error_line(capsys, finetune_glue.read_task, config(), "mnli")
+
+
+def hub_env(tmp_path, **variables):
+    """This environment without proxies or a user's hub settings, plus `variables`."""
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and not k.startswith("HF_")}
+    return {**env, "HF_HOME": str(tmp_path / "hf"), **variables}
+
+
+def free_port():
+    """A local port that nothing listens on (the OS just handed it out and it is closed again)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_hub_fails_at_once_with_one_line(tmp_path, capsys, monkeypatch):
+    """Not datasets' ~25 s of retries, a line each: one line in the time it takes to start."""
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    started = time.time()
+    result = subprocess.run([sys.executable, os.path.join(REPO, "finetune_glue.py"), "--checkpoint", str(tmp_path),
+                             "--task", "rte", "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO,
+                            env=hub_env(tmp_path, HF_ENDPOINT=endpoint), timeout=60)
+    seconds = time.time() - started
+    assert result.returncode == 1 and result.stderr.splitlines() == [
+        f"finetune_glue.py: error: cannot reach the Hugging Face hub at {endpoint} (Connection refused) for GLUE; set "
+        "HF_HUB_OFFLINE=1 to use GLUE from the local cache, or pass --glue-dir with GLUE's files."], result.stderr
+    assert seconds < 5, f"{seconds:.1f} s to the error"
+    assert not (tmp_path / "out").exists()
+    # the check goes where the request would: through a proxy when one is set, straight to the hub otherwise
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listening.getsockname()[1]}")
+        for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY", "HF_HUB_OFFLINE"):
+            monkeypatch.delenv(name, raising=False)
+        finetune_glue.check_hub_reachable()
+        monkeypatch.setenv("http_proxy", endpoint)
+        assert "(Connection refused)" in error_line(capsys, finetune_glue.check_hub_reachable)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing is fetched: nothing to check
+        finetune_glue.check_hub_reachable()
+    monkeypatch.setenv("HF_ENDPOINT", "huggingface.co")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert error_line(capsys, finetune_glue.check_hub_reachable).endswith(
+        "HF_ENDPOINT must be a URL such as https://huggingface.co, not 'huggingface.co'; correct it or unset it.")
+
+
+def test_offline_with_an_empty_cache_gets_one_line(tmp_path):
+    pytest.importorskip("datasets")
+    env = hub_env(tmp_path, HF_HUB_OFFLINE="1", HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")  # were it asked, it refuses
+    result = subprocess.run([sys.executable, os.path.join(REPO, "finetune_glue.py"), "--checkpoint", str(tmp_path),
+                             "--task", "rte", "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO,
+                            env=env, timeout=120)
+    assert result.returncode == 1 and result.stderr.splitlines() == [
+        "finetune_glue.py: error: GLUE's rte is not in the local cache and HF_HUB_OFFLINE=1 keeps the hub out; unset "
+        "HF_HUB_OFFLINE to download it, or pass --glue-dir with GLUE's files."], result.stderr
 
 
 def test_bad_results_json_names_the_file(tmp_path, capsys, tiny_checkpoint):

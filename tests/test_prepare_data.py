@@ -1,8 +1,10 @@
 """prepare_data.py on real WikiText-2 text and on small synthetic edge cases."""
+import dataclasses
 import errno
 import filecmp
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -451,6 +453,40 @@ def test_every_number_and_flag_is_checked_before_any_work(flags, words, tmp_path
     out = tmp_path / "out"
     code, lines = main_error_lines(["--input", text, "--tokenizer", tmp_path / "not-read.txt", *flags, "--out", out], capsys)
     assert_refused(code, lines, out, *words)
+
+
+def help_texts(help_output):
+    """{flag: its help text on one line} from the options that --help lists; "" for a flag without one."""
+    options = help_output.split("\noptions:\n")[1]
+    texts = {}
+    for entry in re.split(r"\n(?=  -)", options.rstrip()):
+        invocation, _, text = entry.strip().partition("  ")  # argparse puts two spaces or more before the help
+        flag = [word.rstrip(",") for word in invocation.split() if word.startswith("-")][-1]  # --help of -h, --help
+        texts[flag] = " ".join(text.split())
+    return texts
+
+
+def test_help_shows_a_text_and_the_default_of_every_flag(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    help_output = run_script("prepare_data.py", "--help").stdout
+    texts = help_texts(help_output)
+    usage_flags = re.findall(r"(--[a-z-]+)", help_output.split("\n\n")[0])
+    assert set(texts) == {"--help", *usage_flags} and len(usage_flags) == 18
+    for flag, text in texts.items():  # a text, and more in it than the flag's own words
+        assert set(re.findall(r"[a-z]+", text.lower())) - set(flag.strip("-").split("-")), f"{flag} has no help text"
+    # every setting with a default shows it, as the config holds it
+    for name, value in dataclasses.asdict(prepare_data.PrepareConfig()).items():
+        if value not in ("", [], False):
+            assert texts["--" + name.replace("_", "-")].endswith(f"(default: {value})"), name
+    for flag, default in (("--out", "data/prepared"), ("--seq-len", "128"), ("--dup-factor", "10"),
+                          ("--mask-prob", "0.15"), ("--max-predictions", "20"),
+                          ("--tokenizer", "bert-large-uncased, from the hub"),
+                          ("--dataset", "wikimedia/wikipedia:20231101.en + bookcorpus/bookcorpus, when no --input is given")):
+        assert texts[flag].endswith(f"(default: {default})"), flag
+    # the docstring's examples keep their lines
+    lines = help_output.splitlines()
+    assert "    python prepare_data.py --input corpus/ --tokenizer vocab.txt --out data/mine" in lines
+    assert any(line.startswith("    python prepare_data.py --demo --train-tokenizer --vocab-size 8192") for line in lines)
 
 
 def write_vocab_with_a_bad_line(path, vocab):
