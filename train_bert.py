@@ -13,13 +13,28 @@ precision and a learning rate that follows the clock.
         train_bert.py --data /shared/wiki --out /shared/runs/lans --optimizer lans --schedule lans --lr 0.005 \
         --warmup 0.05 --batch 98304 --micro-batch 64 --comm-hook bf16
 
-The file reads top to bottom: config -> model -> optimizer -> data -> schedule -> checkpoints ->
-pretrained models (load, export) -> the loop -> the picture -> main(). finetune_glue.py imports
-BertEncoder and load_pretrained from here.
+The file reads top to bottom: config -> model -> optimizer -> data -> schedule -> checkpoints (resume,
+--init-from) -> pretrained models (load, export) -> processes -> before the loop -> one optimizer step ->
+log lines -> the run: train() -> --plan -> the picture -> main(). finetune_glue.py imports BertEncoder and
+load_pretrained from here.
 """
+import signal
+import sys
 import time
 
 PROCESS_START_S = time.time()  # the --hours budget counts from here, before the slow imports below
+
+
+def interrupted_while_starting(signum, frame):
+    """Ctrl-C or SIGTERM before the training loop takes over the signals (the imports below alone take
+    seconds): one line, not a traceback. There is nothing to save yet."""
+    print("train_bert.py: interrupted while starting; no checkpoint was written", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, interrupted_while_starting)
+    signal.signal(signal.SIGTERM, interrupted_while_starting)
 
 import argparse
 import contextlib
@@ -34,9 +49,7 @@ import os
 import queue
 import resource
 import shutil
-import signal
 import socket
-import sys
 import threading
 from dataclasses import dataclass, field, fields
 
@@ -133,7 +146,7 @@ FLAG_RANGES = {
     "hours": (lambda v: 0 < v <= 10_000, "in (0, 10000]"),
     "batch": (lambda v: 1 <= v <= 1 << 24, "an integer in [1, 16777216]"),
     "micro_batch": (lambda v: 1 <= v <= 1 << 16, "an integer in [1, 65536]"),
-    "lr": (lambda v: 0 < v < math.inf, "positive and finite"),
+    "lr": (lambda v: 0 < v <= 3.4e38, "positive and finite (at most 3.4e38, the largest float32)"),
     "warmup": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     "constant": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     "max_steps": (lambda v: 0 <= v <= 1 << 40, "an integer >= 0 (0: schedule by time)"),
@@ -272,6 +285,16 @@ def model_config_problem(config, spell=str):
     return None
 
 
+def parameter_count(config):
+    """BertForMLM's parameters, counted from its shape (what --plan and the memory check need before
+    building it): embeddings, layers, the final LayerNorm of pre-LN, the MLM head."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    embeddings = (config.vocab_size + config.max_positions + config.type_vocab_size) * hidden + 2 * hidden
+    layer = 4 * hidden * hidden + 2 * hidden * inner + 9 * hidden + inner  # qkv, out, ffn, 2 LayerNorms
+    head = hidden * hidden + 3 * hidden + config.vocab_size  # dense, LayerNorm, decoder bias (tied weights)
+    return embeddings + config.num_layers * layer + (2 * hidden if config.pre_ln else 0) + head
+
+
 def init_weights(module):
     """BERT's initialisation: normal(0, 0.02) weights, zero biases; LayerNorm keeps its 1 and 0."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -281,8 +304,11 @@ def init_weights(module):
 
 
 def mlm_loss(logits, labels):
-    """Mean cross-entropy over the used prediction slots; unused slots have label -100."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+    """Mean cross-entropy over the used prediction slots; unused slots have label -100. A micro-batch
+    with no masked token at all (rows of [UNK] have nothing to mask) counts 0, not the NaN of a mean
+    over nothing, which would throw the whole step away."""
+    total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp(min=1)
 
 
 def flops_per_sequence(config, seq_len, predictions):
@@ -498,6 +524,8 @@ def open_data(data_dir):
 
     if not os.path.isdir(data_dir) and os.path.isdir(data_dir.rstrip("/") + ".partial"):
         incomplete(f"only {data_dir.rstrip('/')}.partial exists, so prepare_data.py is still running or was stopped")
+    if os.path.isfile(data_dir):
+        fail(f"--data {data_dir} is a file; pass the folder that prepare_data.py wrote")
     if not os.path.isdir(data_dir):
         fail(f"data directory {data_dir} does not exist; create it with prepare_data.py --out {data_dir}")
     prepared_inside = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(data_dir, "*", "meta.json")))
@@ -523,6 +551,12 @@ def open_data(data_dir):
     if hashlib.sha256(tokenizer_bytes).hexdigest() != meta["tokenizer_sha256"]:
         fail(f"{tokenizer_file} is not the tokenizer the data was made with (its sha256 differs from the one in "
              f"meta.json); put the original back, or run prepare_data.py again")
+    try:
+        tokenizer_size = Tokenizer.from_str(tokenizer_bytes.decode("utf-8")).get_vocab_size()
+    except Exception as error:  # not UTF-8, or tokenizers' own exception types
+        incomplete(f"tokenizer.json cannot be read ({error.__class__.__name__})")
+    if tokenizer_size != meta["vocab_size"]:
+        incomplete(f"meta.json has vocab_size {meta['vocab_size']}, its tokenizer.json has {tokenizer_size} tokens")
     splits = {}
     for name in ("train", "val"):
         listed_split, shards = meta["splits"][name], []
@@ -532,8 +566,8 @@ def open_data(data_dir):
                 listed = shard[key]
                 try:
                     arrays[key] = np.load(os.path.join(data_dir, listed["file"]), mmap_mode="r")
-                except (OSError, ValueError) as error:
-                    incomplete(f"{listed['file']} cannot be read ({error.__class__.__name__})")
+                except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
+                    incomplete(f"the array file {listed['file']} cannot be read ({error.__class__.__name__})")
                 if list(arrays[key].shape) != listed["shape"] or arrays[key].dtype.name != listed["dtype"]:
                     incomplete(f"{listed['file']} holds {arrays[key].dtype.name} {list(arrays[key].shape)}, "
                                f"meta.json lists {listed['dtype']} {listed['shape']}")
@@ -550,7 +584,7 @@ def open_data(data_dir):
         if listed_split.get("sequences", sum(sizes)) != sum(sizes):
             incomplete(f"meta.json counts {listed_split['sequences']} {name} sequences, its shards hold {sum(sizes)}")
         splits[name] = {"shards": shards, "offsets": np.cumsum([0] + sizes), "sequences": sum(sizes),
-                        "duplicates": listed_split["duplicates"]}
+                        "duplicates": listed_split["duplicates"], "vocab_size": meta["vocab_size"]}
     return meta, splits, tokenizer_bytes.decode("utf-8", errors="replace"), hashlib.sha256(meta_bytes).hexdigest()
 
 
@@ -561,7 +595,7 @@ def meta_problem(meta):
 
     if not isinstance(meta, dict):
         return "does not hold a JSON object"
-    if meta.get("format_version") != 1:
+    if type(meta.get("format_version")) is not int or meta["format_version"] != 1:  # not true, not 1.0
         return f"has format_version {meta.get('format_version')!r}, this script reads 1"
     required = ("seq_len", "vocab_size", "special_token_ids", "max_predictions", "splits", "tokenizer_sha256")
     missing = [key for key in required if key not in meta]
@@ -616,6 +650,12 @@ def read_batch(split, rows, duplicate, pad_id):
         ids[slots] = shard["input_ids"][local]
         positions[slots] = shard["mask_positions"][duplicate][local]
         tokens[slots] = shard["mask_tokens"][duplicate][local]
+        # values are checked as they are read (a pass over all the arrays would take minutes at startup)
+        if positions[slots].max() >= seq_len or max(ids[slots].max(), tokens[slots].max()) >= split["vocab_size"]:
+            fail(f"{os.path.dirname(shard['input_ids'].filename)} is damaged: a row of its shard "
+                 f"{os.path.basename(shard['input_ids'].filename).removesuffix('-input_ids.npy')} holds a masked "
+                 f"position beyond seq_len or a token "
+                 f"id beyond the vocabulary; run prepare_data.py again")
     used = positions != 0  # position 0 is [CLS], never masked: it marks an unused slot
     labels = np.where(used, np.take_along_axis(ids, positions, axis=1), -100)
     tokens = np.where(used, tokens, ids[:, :1])  # unused slots write [CLS] back onto position 0
@@ -701,13 +741,18 @@ def lr_at(cfg, progress):
 
 
 # -----------------------------------------------------------------------------------------------
-# Checkpoints and the output folder
+# Checkpoints, the output folder, resuming and --init-from
 
 
 def checkpoint_files(path):
     """The step-N.pt files of a run's --out folder (or of its checkpoints/ folder), oldest first."""
     found = glob.glob(os.path.join(path, "checkpoints", "step-*.pt")) + glob.glob(os.path.join(path, "step-*.pt"))
-    return sorted(found, key=os.path.basename)  # step numbers are zero-padded
+    return sorted((f for f in found if os.path.basename(f)[5:-3].isdigit()), key=step_of)
+
+
+def step_of(file):
+    """The step of a checkpoint file's name, as a number: names sort wrongly past step 99,999,999."""
+    return int(os.path.basename(file)[5:-3])
 
 
 def load_checkpoint(path):
@@ -719,13 +764,14 @@ def load_checkpoint(path):
     found = checkpoint_files(path)
     if not found:
         raise ValueError(f"no checkpoint found at {path}")
-    unreadable = []
+    unreadable, reasons = [], []
     for file in reversed(found):
         try:
             return file, read_checkpoint(file), unreadable
-        except ValueError:
+        except ValueError as error:
             unreadable.append(file)
-    raise ValueError(f"none of the {len(found)} checkpoints in {path} can be read")
+            reasons.append(str(error))
+    raise ValueError(f"none of the {len(found)} checkpoints in {path} can be read; the newest: {reasons[0]}")
 
 
 def read_checkpoint(path):
@@ -749,8 +795,10 @@ def read_checkpoint(path):
     counters = ("step", "epoch", "step_in_epoch", "sequences_seen", "skipped_steps")
     if state != {} and (not isinstance(state, dict) or not all(type(state.get(k)) is int and state[k] >= 0
                                                                for k in counters)
-                        or not isinstance(state.get("elapsed_s"), (int, float)) or not 0 <= state["elapsed_s"] < math.inf):
+                        or not isinstance(state.get("elapsed_s"), (int, float)) or not 0 <= state["elapsed_s"] < 1e9):
         raise ValueError(f"{path} cannot be used: its run state (step, data position, time spent) is invalid")
+    if not isinstance(checkpoint.get("data_sha256", ""), str):
+        raise ValueError(f"{path} cannot be used: its data_sha256 is not a hash")
     for name, tensor in checkpoint["model"].items():
         if not isinstance(tensor, torch.Tensor) or (tensor.is_floating_point() and not torch.isfinite(tensor).all()):
             raise ValueError(f"{path} cannot be used: the weight {name} is missing or holds non-finite values")
@@ -777,7 +825,7 @@ def save_checkpoint(run, path):
         with contextlib.suppress(OSError):
             os.remove(temporary)
         return f"{error.__class__.__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else 'write failed'}"
-    older = [f for f in checkpoint_files(os.path.dirname(path)) if os.path.basename(f) < os.path.basename(path)]
+    older = [f for f in checkpoint_files(os.path.dirname(path)) if step_of(f) < step_of(path)]
     for old in older[:max(0, len(older) - (KEEP_CHECKPOINTS - 1))]:  # never `path`, never a newer one
         os.remove(old)
     return None
@@ -814,9 +862,12 @@ def lock_output(out):
         fail(f"another train_bert.py ({holder}) is writing to {out}; wait for it to end, or choose another --out")
     except OSError as error:
         fail(f"cannot lock {out}/.lock ({error.strerror}): its filesystem has no file locks; use a local --out")
-    lock_file.truncate(0)
-    lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    lock_file.flush()
+    try:
+        lock_file.truncate(0)
+        lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock_file.flush()
+    except OSError as error:  # a full disk
+        fail(f"cannot write to --out {out} ({error.strerror}); free space or choose another --out")
     OUTPUT_LOCKS.append(lock_file)
 
 
@@ -867,7 +918,7 @@ def find_resume_checkpoint(cfg):
     if os.path.realpath(os.path.dirname(file)) != os.path.realpath(os.path.join(cfg.out, "checkpoints")) and own:
         fail(f"cannot resume {file} into {cfg.out}: that folder holds checkpoints of another run; "
              f"choose an empty --out, or --resume {cfg.out}")
-    return file, [f for f in own if os.path.basename(f) > os.path.basename(file)]
+    return file, [f for f in own if step_of(f) > step_of(file)]
 
 
 def set_aside(files, out, step):
@@ -891,6 +942,9 @@ def resume(cfg, model, optimizer, scaler, model_config, data_sha256, rank, world
         fail(f"cannot resume: {error}")
     if not checkpoint.get("state") or not isinstance(checkpoint.get("optimizer"), dict):
         fail(f"cannot resume: {file} holds weights to fine-tune, but no run state or optimizer to continue from")
+    problem = optimizer_state_problem(checkpoint["optimizer"], len(optimizer_params(optimizer)), checkpoint["state"])
+    if problem:
+        fail(f"cannot resume: {file} holds {problem}; resume an earlier checkpoint")
     if checkpoint["model_config"] != dataclasses.asdict(model_config):
         differences = ", ".join(f"{k} {v} (now {getattr(model_config, k)})" for k, v in
                                 checkpoint["model_config"].items() if v != getattr(model_config, k, None))
@@ -914,7 +968,10 @@ def resume(cfg, model, optimizer, scaler, model_config, data_sha256, rank, world
         scaler.load_state_dict(checkpoint["scaler"])
     state = checkpoint["state"]
     if len(checkpoint.get("rng") or []) == world_size:  # per-rank dropout streams continue where they were
-        set_rng_state(checkpoint["rng"][rank], device)
+        try:
+            set_rng_state(checkpoint["rng"][rank], device)
+        except (KeyError, TypeError, RuntimeError) as error:
+            fail(f"cannot resume: the random generator states in {file} are damaged ({error.__class__.__name__})")
     log(f"resumed from {file} at step {state['step']}, {readable(state['elapsed_s'])} of the budget spent", rank)
     record(cfg.out if rank == 0 else None, "resume", step=state["step"], file=file)  # later records replace later steps
     if newer and rank == 0:
@@ -933,6 +990,81 @@ def resume(cfg, model, optimizer, scaler, model_config, data_sha256, rank, world
             log(f"note: the learning rate goes from {lr_before:.3e} to {lr_now:.3e} at step {state['step']}: the "
                 f"schedule now follows the new flags", rank)
     return state
+
+
+def optimizer_state_problem(saved, tensors, state):
+    """What makes a saved optimizer state unusable, in words, or None: moments for only some of the
+    weight tensors (or none, after steps were taken), or numbers that are not finite, which would reach
+    the weights at the first step."""
+    moments, groups = saved.get("state"), saved.get("param_groups")
+    if not isinstance(moments, dict) or not isinstance(groups, list):
+        return "no optimizer state"
+    if len(moments) != tensors and (moments or state["step"] > state["skipped_steps"]):
+        return f"optimizer moments for {len(moments)} of the {tensors} weight tensors"
+    if any(isinstance(entry, dict) and torch.is_tensor(entry.get("exp_avg_sq")) and (entry["exp_avg_sq"] < 0).any()
+           for entry in moments.values()):
+        return "negative second moments"
+    numbers = [v for entry in moments.values() if isinstance(entry, dict) for v in entry.values()]
+    numbers += [v for group in groups for key, v in group.items() if key != "params"]
+    for value in numbers:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if (torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()) or \
+                    (isinstance(v, float) and not math.isfinite(v)):
+                return "optimizer moments or settings that are not finite"
+    return None
+
+
+def init_from(cfg, model, optimizer, model_config, tokenizer_json, rank):
+    """Starts this run from another run's weights (--init-from), for a second phase: new data, length,
+    batch, optimizer, precision and schedule; the data position and the clock start afresh. Only the
+    positions may differ from the old model (resize_positions). With --init-optimizer the optimizer's
+    moments come too (GluonNLP's phase 2 does so), zero for new position rows. Returns the origin."""
+    try:
+        file, checkpoint, _ = load_checkpoint(cfg.init_from)
+    except ValueError as error:
+        fail(f"cannot start from --init-from: {error}")
+    differences = ", ".join(f"{k} {v} (now {getattr(model_config, k)})" for k, v in checkpoint["model_config"].items()
+                            if k != "max_positions" and v != getattr(model_config, k, None))
+    if differences:
+        fail(f"--init-from {file} holds a different model ({differences}); pass its --model and model flags "
+             f"(only the sequence length may change)")
+    if checkpoint_tokenizer(checkpoint).to_str() != Tokenizer.from_str(tokenizer_json).to_str():
+        fail(f"--init-from {file} was trained with another tokenizer than {cfg.data}'s; prepare the data with "
+             f"--tokenizer and the tokenizer.json of the data it was trained on")
+    weights = dict(checkpoint["model"])
+    name = "encoder.position_embeddings.weight"
+    old_rows = len(weights[name])
+    weights[name] = resize_positions(weights[name], model_config.max_positions, cfg.seed)
+    model.load_state_dict(weights)
+    moments = "start from zero"
+    if cfg.init_optimizer:
+        if (checkpoint.get("train_config") or {}).get("optimizer") != cfg.optimizer or not checkpoint.get("optimizer"):
+            fail(f"--init-optimizer needs a checkpoint of the same --optimizer {cfg.optimizer}; {file} has "
+                 f"{(checkpoint.get('train_config') or {}).get('optimizer')}")
+        state = checkpoint["optimizer"]
+        index = [id(p) for group in optimizer.param_groups for p in group["params"]].index(
+            id(model.encoder.position_embeddings.weight))
+        for key, value in state["state"].get(index, {}).items():
+            if torch.is_tensor(value) and value.ndim == 2:  # exp_avg, exp_avg_sq: zero for rows never trained
+                state["state"][index][key] = resize_positions(value, model_config.max_positions, None)
+        optimizer.load_state_dict(state)
+        moments = "carried over"
+    step = (checkpoint.get("state") or {}).get("step")
+    log(f"initialised from {file} (step {step}): {old_rows} -> {model_config.max_positions} positions; optimizer "
+        f"moments {moments}", rank)
+
+
+def resize_positions(table, rows, seed):
+    """A position table (positions, hidden) with `rows` rows: the first ones kept, extra rows drawn as BERT
+    draws every weight, normal(0, 0.02) from `seed` (zeros when seed is None: for optimizer moments). That
+    is where BERT's own phase 2 starts its positions 128-511 from: its phase 1 never reaches them."""
+    if rows <= len(table):
+        return table[:rows].clone()
+    extra = torch.zeros(rows - len(table), table.shape[1], dtype=table.dtype)
+    if seed is not None:
+        extra.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([table, extra])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1198,7 +1330,8 @@ def export_hugging_face(source, folder):
 
 
 # -----------------------------------------------------------------------------------------------
-# The training loop
+# Processes, and the gradients between them
+
 
 STOP_SIGNALS = []  # the signal handler appends the signal number; the loop checks it every step
 
@@ -1284,31 +1417,126 @@ def reset_powersgd(powersgd):
     powersgd.q_memory_dict.clear()
 
 
+# -----------------------------------------------------------------------------------------------
+# Before the loop: flags, the model, what runs
+
+
+def check_flags(cfg):
+    """Every numeric flag finite and in its range, and a model shape that can work, before any work starts."""
+    if not cfg.out.strip() or not cfg.data.strip():
+        fail("--out and --data must name folders, not be empty")
+    if os.path.realpath(cfg.out) == os.path.realpath(cfg.data):
+        fail(f"--out {cfg.out} is the data folder; choose another folder for the checkpoints")
+    for name, (allowed, words) in FLAG_RANGES.items():
+        value = getattr(cfg, name)
+        if not allowed(value):
+            fail(f"--{name.replace('_', '-')} {value} is out of range: it must be {words}")
+    if cfg.schedule == "lans" and cfg.warmup + cfg.constant >= 1:
+        fail(f"--warmup {cfg.warmup} and --constant {cfg.constant} must be fractions that leave some of the run for "
+             f"the decay (warmup + constant < 1)")
+    shape = BertConfig(**{**MODEL_PRESETS[cfg.model], **cfg.model_overrides})  # vocabulary and positions: later
+    problem = model_config_problem(shape, spell=lambda name: "--" + name.replace("_", "-"))
+    if problem:
+        fail(f"the model cannot be built: {problem}")
+
+
+def check_batch(cfg, train_split, world_size):
+    """Micro-batches per optimizer step on each rank, once --batch is known to divide and to fit the data."""
+    if cfg.batch % (world_size * cfg.micro_batch):
+        fail(f"--batch {cfg.batch} does not divide into {world_size} process(es) x --micro-batch {cfg.micro_batch}; "
+             f"pass a --batch that is a multiple of {world_size * cfg.micro_batch}")
+    if train_split["sequences"] < cfg.batch:
+        fail(f"the training split of {cfg.data} has {train_split['sequences']} sequences, fewer than one "
+             f"--batch of {cfg.batch}; lower --batch or prepare more text")
+    return cfg.batch // (world_size * cfg.micro_batch)
+
+
+def make_model_config(cfg, meta):
+    """The --model preset with the model flags over it; the vocabulary and positions come from the data."""
+    return BertConfig(**{**MODEL_PRESETS[cfg.model], **cfg.model_overrides,
+                         "vocab_size": math.ceil(meta["vocab_size"] / 8) * 8, "max_positions": meta["seq_len"]})
+
+
+def build_model(config, seed, device):
+    """BertForMLM on the device, initialised from `seed`: the same weights on every rank. A model whose
+    weights, gradients, two optimizer moments and the copy of apply_update (20 bytes per parameter in
+    fp32) exceed the device's memory is refused before it is built, one layer at a time, into swap."""
+    needed_bytes = 20 * parameter_count(config)
+    memory_bytes = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else
+                    os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if needed_bytes > memory_bytes:
+        fail(f"the model has {amount(parameter_count(config))} parameters, which need about {needed_bytes / 2**30:,.0f} "
+             f"GiB for weights, gradients and optimizer moments, more than the {memory_bytes / 2**30:,.0f} GiB here; "
+             f"choose a smaller --model or model flags")
+    torch.manual_seed(seed)
+    try:
+        return BertForMLM(config).to(device)
+    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError too
+        if not is_out_of_memory(error):
+            raise
+        fail(f"the model ({config.num_layers} layers, hidden size {config.hidden_size}) does not fit in memory; "
+             f"choose a smaller --model or model flags")
+
+
+def is_out_of_memory(error):
+    """torch.OutOfMemoryError on a GPU; on a CPU, a RuntimeError from the allocator or a MemoryError."""
+    return isinstance(error, MemoryError) or "memory" in str(error).lower()
+
+
+def pick_precision(precision, device):
+    """--precision auto: bf16 on GPUs that have it, fp16 with loss scaling on older ones, fp32 on the CPU."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def peak_flops(cfg, device):
+    """The device's peak FLOP/s for MFU: --peak-tflops, or else a GPU's dense bf16 peak by its name (0: unknown)."""
+    if cfg.peak_tflops or device.type != "cuda":
+        return cfg.peak_tflops * 1e12
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for gpu, tflops in PEAK_TFLOPS.items() if gpu in name), 0.0)
+
+
+def describe_setup(cfg, model, optimizer_name, precision, world_size, micro_batches, powersgd, val_split):
+    """The lines that say what runs: model, optimizer, precision, batch, and how gradients travel."""
+    n_params = sum(p.numel() for p in model.parameters())
+    lines = [f"model: {cfg.model} {model.config}, {n_params / 1e6:.1f}M parameters; optimizer: {optimizer_name}; "
+             f"precision: {precision}; {world_size} process(es) x {micro_batches} micro-batches of "
+             f"{cfg.micro_batch} = batch {cfg.batch}"]
+    if world_size > 1:
+        lines.append(f"gradients: DDP buckets of {cfg.bucket_mb:g} MB, comm hook {cfg.comm_hook}"
+                     + (f" (rank {cfg.powersgd_rank}, from the end of warmup)" if powersgd else ""))
+    elif cfg.comm_hook != "none":  # a logged no-op, so one command line serves 1 and N processes
+        lines.append(f"note: --comm-hook {cfg.comm_hook} has no effect in a single process (nothing is communicated)")
+    if val_split["sequences"] == 0:
+        lines.append("note: the validation split is empty; validation is skipped")
+    if importlib.util.find_spec("matplotlib") is None:
+        lines.append(f"note: pip install matplotlib to get {cfg.out}/metrics.png, the picture of this run (or draw "
+                     f"it later: python train_bert.py --plot {cfg.out})")
+    return lines
+
+
+# -----------------------------------------------------------------------------------------------
+# One optimizer step, and validation
+
+
 def autocast(device, precision):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
 
 
-@torch.no_grad()
-def evaluate(model, split, micro_batch, pad_id, rank, world_size, device, precision):
-    """(MLM loss, masked-token accuracy) on a split with one fixed masking, summed over all ranks."""
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, predictions
-    rows = np.arange(rank, split["sequences"], world_size)
-    for start in range(0, len(rows), micro_batch):
-        batch = to_tensors(read_batch(split, rows[start:start + micro_batch], 0, pad_id), False)
-        batch = {name: t.to(device) for name, t in batch.items()}
-        with autocast(device, precision):
-            logits = model(batch["input_ids"], batch["mlm_positions"], batch.get("attention_mask"))
-        logits, labels = logits.flatten(0, 1).float(), batch["mlm_labels"].flatten()
-        used = labels != -100
-        totals += torch.stack([F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"),
-                               ((logits.argmax(-1) == labels) & used).sum(), used.sum()]).double()
-    if world_size > 1:
-        dist.all_reduce(totals)
-    model.train()
-    loss_sum, correct, count = totals.tolist()
-    return loss_sum / max(count, 1), correct / max(count, 1)
+def set_learning_rate(optimizer, powersgd, cfg, step, clock_s, rank):
+    """Sets this step's learning rate from the schedule, and starts PowerSGD once warmup is over."""
+    progress = progress_of(cfg, step, clock_s)
+    lr = lr_at(cfg, progress)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if powersgd and powersgd.start_powerSGD_iter == POWERSGD_NOT_YET and progress >= cfg.warmup:
+        log(f"PowerSGD compresses the gradients from step {step + 1 + start_powersgd(powersgd)} on", rank)
+    return lr
 
 
 def train_step(train_model, optimizer, scaler, powersgd, batches, micro_batches, device, precision, world_size,
@@ -1375,56 +1603,34 @@ def apply_update(optimizer, scaler, params, world_size):
     return False
 
 
-def check_flags(cfg):
-    """Every numeric flag finite and in its range, and a model shape that can work, before any work starts."""
-    for name, (allowed, words) in FLAG_RANGES.items():
-        value = getattr(cfg, name)
-        if not allowed(value):
-            fail(f"--{name.replace('_', '-')} {value} is out of range: it must be {words}")
-    if cfg.schedule == "lans" and cfg.warmup + cfg.constant >= 1:
-        fail(f"--warmup {cfg.warmup} and --constant {cfg.constant} must be fractions that leave some of the run for "
-             f"the decay (warmup + constant < 1)")
-    shape = BertConfig(**{**MODEL_PRESETS[cfg.model], **cfg.model_overrides})  # vocabulary and positions: later
-    problem = model_config_problem(shape, spell=lambda name: "--" + name.replace("_", "-"))
-    if problem:
-        fail(f"the model cannot be built: {problem}")
+def optimizer_params(optimizer):
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def check_batch(cfg, train_split, world_size):
-    """Micro-batches per optimizer step on each rank, once --batch is known to divide and to fit the data."""
-    if cfg.batch % (world_size * cfg.micro_batch):
-        fail(f"--batch {cfg.batch} does not divide into {world_size} process(es) x --micro-batch {cfg.micro_batch}; "
-             f"pass a --batch that is a multiple of {world_size * cfg.micro_batch}")
-    if train_split["sequences"] < cfg.batch:
-        fail(f"the training split of {cfg.data} has {train_split['sequences']} sequences, fewer than one "
-             f"--batch of {cfg.batch}; lower --batch or prepare more text")
-    return cfg.batch // (world_size * cfg.micro_batch)
+@torch.no_grad()
+def evaluate(model, split, micro_batch, pad_id, rank, world_size, device, precision):
+    """(MLM loss, masked-token accuracy) on a split with one fixed masking, summed over all ranks."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, predictions
+    rows = np.arange(rank, split["sequences"], world_size)
+    for start in range(0, len(rows), micro_batch):
+        batch = to_tensors(read_batch(split, rows[start:start + micro_batch], 0, pad_id), False)
+        batch = {name: t.to(device) for name, t in batch.items()}
+        with autocast(device, precision):
+            logits = model(batch["input_ids"], batch["mlm_positions"], batch.get("attention_mask"))
+        logits, labels = logits.flatten(0, 1).float(), batch["mlm_labels"].flatten()
+        used = labels != -100
+        totals += torch.stack([F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"),
+                               ((logits.argmax(-1) == labels) & used).sum(), used.sum()]).double()
+    if world_size > 1:
+        dist.all_reduce(totals)
+    model.train()
+    loss_sum, correct, count = totals.tolist()
+    return loss_sum / max(count, 1), correct / max(count, 1)
 
 
-def make_model_config(cfg, meta):
-    """The --model preset with the model flags over it; the vocabulary and positions come from the data."""
-    return BertConfig(**{**MODEL_PRESETS[cfg.model], **cfg.model_overrides,
-                         "vocab_size": math.ceil(meta["vocab_size"] / 8) * 8, "max_positions": meta["seq_len"]})
-
-
-def build_model(config, seed, device):
-    """BertForMLM on the device, initialised from `seed`: the same weights on every rank."""
-    torch.manual_seed(seed)
-    try:
-        return BertForMLM(config).to(device)
-    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError too
-        if "memory" not in str(error).lower():
-            raise
-        fail(f"the model ({config.num_layers} layers, hidden size {config.hidden_size}) does not fit in memory; "
-             f"choose a smaller --model or model flags")
-
-
-def peak_flops(cfg, device):
-    """The device's peak FLOP/s for MFU: --peak-tflops, or else a GPU's dense bf16 peak by its name (0: unknown)."""
-    if cfg.peak_tflops or device.type != "cuda":
-        return cfg.peak_tflops * 1e12
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for gpu, tflops in PEAK_TFLOPS.items() if gpu in name), 0.0)
+# -----------------------------------------------------------------------------------------------
+# Time, log lines and metrics.jsonl
 
 
 def agree_on_clock(elapsed_s, world_size, device):
@@ -1433,20 +1639,6 @@ def agree_on_clock(elapsed_s, world_size, device):
     if world_size > 1:
         dist.all_reduce(clock, op=dist.ReduceOp.MAX)
     return clock.item()
-
-
-def write_checkpoint(run, out, step, rank, world_size, device):
-    """Every rank calls it with the run to save: each adds its RNG state, rank 0 writes
-    OUT/checkpoints/step-N.pt, and every rank learns whether that worked. Returns (file, None or why not)."""
-    rngs = [rng_state(device)]
-    if world_size > 1:
-        rngs = [None] * world_size
-        dist.all_gather_object(rngs, rng_state(device))
-    file = os.path.join(out, "checkpoints", f"step-{step:08d}.pt")
-    error = [save_checkpoint({**run, "rng": rngs}, file) if rank == 0 else None]
-    if world_size > 1:
-        dist.broadcast_object_list(error)
-    return file, error[0]
 
 
 def record(out, kind, **values):
@@ -1512,6 +1704,21 @@ def log_window(window, state, lr, grad_norm, cfg, speed, elapsed_s, rank, world_
     record(cfg.out if rank == 0 else None, "train", **values)
 
 
+def draw(picture, cfg, seconds_to_deadline, rank, final=False):
+    """Rank 0 draws OUT/metrics.png anew: after a validation at most once a minute (which matters only for
+    runs of minutes), and at the end if the deadline leaves time for it. picture: when it was last drawn
+    and how long that took."""
+    if rank != 0 or not (final or time.time() - picture["drawn_at"] >= 60) or \
+            not os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):  # nothing logged yet
+        return
+    if seconds_to_deadline < picture["takes_s"]:
+        log(f"note: no time left to draw {cfg.out}/metrics.png; python train_bert.py --plot {cfg.out} draws it", rank)
+        return
+    started = time.time()
+    plot_runs([cfg.out], os.path.join(cfg.out, "metrics.png"))
+    picture.update(drawn_at=time.time(), takes_s=time.time() - started)
+
+
 def seconds_left(cfg, step, elapsed_s, step_s):
     """The time the run still takes: to the deadline, or with --max-steps for the steps left at the recent
     pace, if that ends first."""
@@ -1531,9 +1738,9 @@ def validation_interval_s(cfg, step_s):
 
 
 def readable(seconds):
-    """A duration as people say it: 0.34 s, 45 s, 12.5 min, 3.2 h."""
+    """A duration as people say it: 0 s, 0.34 s, 7.7 s, 45 s, 12.5 min, 3.2 h."""
     if seconds < 10:
-        return f"{seconds:.2f} s"
+        return f"{seconds:.2g} s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.1f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
@@ -1553,43 +1760,22 @@ def clock_time(timestamp):
     return time.strftime("%H:%M" if when[:3] == time.localtime()[:3] else "%a %d %b %H:%M", when)
 
 
-def pick_precision(precision, device):
-    """--precision auto: bf16 on GPUs that have it, fp16 with loss scaling on older ones, fp32 on the CPU."""
-    if precision != "auto":
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+# -----------------------------------------------------------------------------------------------
+# The run: setup, the loop, the end
 
 
-def describe_setup(cfg, model, optimizer_name, precision, world_size, micro_batches, powersgd, val_split):
-    """The lines that say what runs: model, optimizer, precision, batch, and how gradients travel."""
-    n_params = sum(p.numel() for p in model.parameters())
-    lines = [f"model: {cfg.model} {model.config}, {n_params / 1e6:.1f}M parameters; optimizer: {optimizer_name}; "
-             f"precision: {precision}; {world_size} process(es) x {micro_batches} micro-batches of "
-             f"{cfg.micro_batch} = batch {cfg.batch}"]
+def write_checkpoint(run, out, step, rank, world_size, device):
+    """Every rank calls it with the run to save: each adds its RNG state, rank 0 writes
+    OUT/checkpoints/step-N.pt, and every rank learns whether that worked. Returns (file, None or why not)."""
+    rngs = [rng_state(device)]
     if world_size > 1:
-        lines.append(f"gradients: DDP buckets of {cfg.bucket_mb:g} MB, comm hook {cfg.comm_hook}"
-                     + (f" (rank {cfg.powersgd_rank}, from the end of warmup)" if powersgd else ""))
-    elif cfg.comm_hook != "none":  # a logged no-op, so one command line serves 1 and N processes
-        lines.append(f"note: --comm-hook {cfg.comm_hook} has no effect in a single process (nothing is communicated)")
-    if val_split["sequences"] == 0:
-        lines.append("note: the validation split is empty; validation is skipped")
-    if importlib.util.find_spec("matplotlib") is None:
-        lines.append(f"note: pip install matplotlib to get {cfg.out}/metrics.png, the picture of this run (or draw "
-                     f"it later: python train_bert.py --plot {cfg.out})")
-    return lines
-
-
-def set_learning_rate(optimizer, powersgd, cfg, step, clock_s, rank):
-    """Sets this step's learning rate from the schedule, and starts PowerSGD once warmup is over."""
-    progress = progress_of(cfg, step, clock_s)
-    lr = lr_at(cfg, progress)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    if powersgd and powersgd.start_powerSGD_iter == POWERSGD_NOT_YET and progress >= cfg.warmup:
-        log(f"PowerSGD compresses the gradients from step {step + 1 + start_powersgd(powersgd)} on", rank)
-    return lr
+        rngs = [None] * world_size
+        dist.all_gather_object(rngs, rng_state(device))
+    file = os.path.join(out, "checkpoints", f"step-{step:08d}.pt")
+    error = [save_checkpoint({**run, "rng": rngs}, file) if rank == 0 else None]
+    if world_size > 1:
+        dist.broadcast_object_list(error)
+    return file, error[0]
 
 
 def advance(state, skipped, sequences, position):
@@ -1609,9 +1795,10 @@ def why_stop(decisions, skipped_in_a_row):
     return "deadline" if decisions["out_of_time"] else None
 
 
-def finish(stop_reason, signal_number, last_file, write_error, state, cfg, elapsed_s, rank):
-    """The last word: where the weights are and how to go on. Ends with an error for a failed write or
-    non-finite steps, and with status 128 + the signal's number after a signal (on every rank)."""
+def finish(stop_reason, signal_number, last_file, write_error, state, cfg, precision, elapsed_s, rank):
+    """The last word: where the weights are and how to go on. Ends with an error for a failed write,
+    non-finite steps or a lack of memory, and with status 128 + the signal's number after a signal (on
+    every rank)."""
     if write_error:
         kept = last_file or (checkpoint_files(cfg.out) or [None])[-1]
         what_now = (f"The newest complete checkpoint is {kept}; free space, then continue with the same command and "
@@ -1619,63 +1806,174 @@ def finish(stop_reason, signal_number, last_file, write_error, state, cfg, elaps
         fail(f"could not write a checkpoint to {cfg.out}/checkpoints ({write_error}); is the disk full? {what_now}")
     if stop_reason == "nonfinite":
         fail(f"stopped: {NONFINITE_STEPS_LIMIT} steps in a row had a non-finite loss, gradient or update; the "
-             f"weights before them are in {last_file}; lower --lr or use --precision bf16/fp32")
+             f"weights before them are in {last_file}; lower --lr" + (" or use --precision bf16" if precision == "fp16"
+                                                                     else ""))
+    if stop_reason == "out_of_memory":
+        fail(f"out of memory at step {state['step'] + 1} with --micro-batch {cfg.micro_batch}; the weights of step "
+             f"{state['step']} are in {last_file}; pass a smaller --micro-batch (--plan finds one that fits) and "
+             f"--resume {cfg.out}")
     log(f"stopped ({stop_reason}) at step {state['step']} after {readable(elapsed_s)}; checkpoint: {last_file}", rank)
     if stop_reason == "signal":
         log(f"continue with the same command and --resume {cfg.out}", rank)
         sys.exit(128 + signal_number)
 
 
-def init_from(cfg, model, optimizer, model_config, tokenizer_json, rank):
-    """Starts this run from another run's weights (--init-from), for a second phase: new data, length,
-    batch, optimizer, precision and schedule; the data position and the clock start afresh. Only the
-    positions may differ from the old model (resize_positions). With --init-optimizer the optimizer's
-    moments come too (GluonNLP's phase 2 does so), zero for new position rows. Returns the origin."""
-    try:
-        file, checkpoint, _ = load_checkpoint(cfg.init_from)
-    except ValueError as error:
-        fail(f"cannot start from --init-from: {error}")
-    differences = ", ".join(f"{k} {v} (now {getattr(model_config, k)})" for k, v in checkpoint["model_config"].items()
-                            if k != "max_positions" and v != getattr(model_config, k, None))
-    if differences:
-        fail(f"--init-from {file} holds a different model ({differences}); pass its --model and model flags "
-             f"(only the sequence length may change)")
-    if checkpoint_tokenizer(checkpoint).to_str() != Tokenizer.from_str(tokenizer_json).to_str():
-        fail(f"--init-from {file} was trained with another tokenizer than {cfg.data}'s; prepare the data with "
-             f"--tokenizer and the tokenizer.json of the data it was trained on")
-    weights = dict(checkpoint["model"])
-    name = "encoder.position_embeddings.weight"
-    old_rows = len(weights[name])
-    weights[name] = resize_positions(weights[name], model_config.max_positions, cfg.seed)
-    model.load_state_dict(weights)
-    moments = "start from zero"
-    if cfg.init_optimizer:
-        if (checkpoint.get("train_config") or {}).get("optimizer") != cfg.optimizer or not checkpoint.get("optimizer"):
-            fail(f"--init-optimizer needs a checkpoint of the same --optimizer {cfg.optimizer}; {file} has "
-                 f"{(checkpoint.get('train_config') or {}).get('optimizer')}")
-        state = checkpoint["optimizer"]
-        index = [id(p) for group in optimizer.param_groups for p in group["params"]].index(
-            id(model.encoder.position_embeddings.weight))
-        for key, value in state["state"].get(index, {}).items():
-            if torch.is_tensor(value) and value.ndim == 2:  # exp_avg, exp_avg_sq: zero for rows never trained
-                state["state"][index][key] = resize_positions(value, model_config.max_positions, None)
-        optimizer.load_state_dict(state)
-        moments = "carried over"
-    step = (checkpoint.get("state") or {}).get("step")
-    log(f"initialised from {file} (step {step}): {old_rows} -> {model_config.max_positions} positions; optimizer "
-        f"moments {moments}", rank)
+def train(cfg):
+    check_flags(cfg)
+    rank, world_size, device = setup_processes()
+
+    # --- data, model, optimizer
+    meta, splits, tokenizer_json, data_sha256 = open_data(cfg.data)
+    train_split, val_split = splits["train"], splits["val"]
+    micro_batches = check_batch(cfg, train_split, world_size)
+    seq_len, pad_id = meta["seq_len"], meta["special_token_ids"]["pad"]
+    model_config = make_model_config(cfg, meta)
+    model = build_model(model_config, cfg.seed, device)  # the same initial weights on every rank
+    optimizer, optimizer_name = make_optimizer(model, cfg, device)
+    precision = pick_precision(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 needs loss scaling
+    torch.manual_seed(cfg.seed + rank)  # a different dropout stream on every rank
+
+    train_model = torch.compile(model) if cfg.compile else model
+    powersgd = None
+    if world_size > 1:  # hand-written data parallelism: DDP all-reduces the gradients in backward
+        train_model, powersgd = wrap_ddp(train_model, cfg, device)
+    speed = dict(seq_len=seq_len, flops_per_step=flops_per_sequence(model_config, seq_len, meta["max_predictions"])
+                 * cfg.batch, peak_flops=peak_flops(cfg, device))
+    setup = describe_setup(cfg, model, optimizer_name, precision, world_size, micro_batches, powersgd, val_split)
+    if cfg.plan:  # measure, say what the budget buys, write nothing
+        log("\n".join(setup), rank)
+        return plan(cfg, train_model, optimizer, scaler, powersgd, splits, meta, device, precision, rank, world_size,
+                    speed)
+
+    # --- where to start: a fresh run, or exactly where a checkpoint left off
+    on_rank0(rank, world_size, lambda: prepare_output(cfg))  # one writer per --out
+    state = dict(step=0, epoch=0, step_in_epoch=0, sequences_seen=0, elapsed_s=0.0, skipped_steps=0)
+    if cfg.resume:  # a second phase resumes its own checkpoints: --init-from only starts it
+        state = resume(cfg, model, optimizer, scaler, model_config, data_sha256, rank, world_size, device)
+    elif cfg.init_from:
+        init_from(cfg, model, optimizer, model_config, tokenizer_json, rank)
+    log("\n".join(setup), rank)
+    elapsed_before_s = state["elapsed_s"]
+
+    def elapsed_s():  # time spent against the budget, over all resumed runs
+        return elapsed_before_s + time.time() - PROCESS_START_S
+
+    if (cfg.max_steps and state["step"] >= cfg.max_steps) or agree_on_clock(elapsed_s(), world_size, device) \
+            >= cfg.hours * 3600:  # a finished run, resumed again: no step, no checkpoint
+        spent = f"--max-steps {cfg.max_steps} is reached" if cfg.max_steps and state["step"] >= cfg.max_steps else \
+            f"the --hours {cfg.hours:g} budget is spent ({readable(elapsed_s())})"
+        log(f"nothing to do: the run is at step {state['step']} and {spent}; raise it to go on", rank)
+        return
+
+    identity = dict(model_config=dataclasses.asdict(model_config), train_config=dataclasses.asdict(cfg),
+                    tokenizer_json=tokenizer_json, tokenizer_sha256=meta["tokenizer_sha256"],
+                    special_token_ids=meta["special_token_ids"], data_sha256=data_sha256)
+
+    def checkpoint(stop_reason=None):
+        """Every rank calls it; rank 0 writes. Returns (file, why the write failed or None, seconds taken)."""
+        started = time.time()
+        run = {**identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+               "scaler": scaler.state_dict(), "state": {**state, "elapsed_s": elapsed_s()}, "stop_reason": stop_reason}
+        file, error = write_checkpoint(run, cfg.out, state["step"], rank, world_size, device)
+        return file, error, time.time() - started
+
+    def validate():
+        """The held-out loss and accuracy, logged and recorded."""
+        val_loss, val_accuracy = evaluate(model, val_split, cfg.micro_batch, pad_id, rank, world_size, device, precision)
+        log(f"validation at step {state['step']}: loss {val_loss:.4f}, masked-token accuracy {val_accuracy:.4f}", rank)
+        record(cfg.out if rank == 0 else None, "val", step=state["step"], val_loss=val_loss, val_accuracy=val_accuracy,
+               elapsed_h=elapsed_s() / 3600)
+
+    # --- the loop: one optimizer step per iteration
+    batches = prefetch(train_batches(train_split, cfg, pad_id, rank, world_size, state["epoch"], state["step_in_epoch"],
+                                     pin_memory=device.type == "cuda"))
+    # durations that decide when to stop: an optimizer step, a validation (both measured) and a checkpoint
+    # (guessed at 100 MB/s for the weights and two moments until the first one is measured)
+    step_s, validation_s, checkpoint_s = 0.0, 0.0, 12 * sum(p.numel() for p in model.parameters()) / 100e6
+    last_checkpoint = last_validation = time.time()
+    validated_step = None if val_split["sequences"] else state["step"]  # an empty split: nothing to validate
+    window, skipped_in_a_row, stop_reason, last_file, write_error = new_window(device), 0, None, None, None
+    picture = dict(drawn_at=time.time(), takes_s=2.0)  # OUT/metrics.png; takes_s: guessed until measured
+    decisions = dict(signal=0)  # what all ranks agreed on at the last step
+    # The schedule reads the clock that all ranks agree on (the largest), so that they use the same lr and
+    # start PowerSGD on the same step; each step's agreement all-reduce refreshes it.
+    clock_s = agree_on_clock(elapsed_s(), world_size, device)
+    signal.signal(signal.SIGTERM, on_stop_signal)
+    signal.signal(signal.SIGINT, on_stop_signal)
+    model.train()
+    while not (cfg.max_steps and state["step"] >= cfg.max_steps):
+        step_started = time.time()
+        lr = set_learning_rate(optimizer, powersgd, cfg, state["step"], clock_s, rank)
+        # On logged steps, time each micro-batch (waiting for the GPU): only the last one communicates,
+        # so its extra time over the others is the communication that backward did not hide.
+        timed = world_size > 1 and micro_batches > 1 and (state["step"] + 1) % cfg.log_every == 0
+
+        def local_flags():  # stop unless another step, a checkpoint and the last validation still fit
+            # a validation reads the split forward only: about a third of a step per --batch sequences
+            guessed_validation_s = val_split["sequences"] / cfg.batch * step_s / 3
+            reserve_s = 1.5 * step_s + (validation_s or guessed_validation_s) + checkpoint_s + 1.0
+            return [cfg.hours * 3600 - elapsed_s() < reserve_s, STOP_SIGNALS[0] if STOP_SIGNALS else 0,
+                    time.time() - last_checkpoint >= cfg.checkpoint_minutes * 60,
+                    time.time() - last_validation >= validation_interval_s(cfg, step_s), elapsed_s()]
+
+        try:
+            decisions, loss, grad_norm, position, micro_batch_s = train_step(
+                train_model, optimizer, scaler, powersgd, batches, micro_batches, device, precision, world_size,
+                local_flags, timed)
+        except (RuntimeError, MemoryError) as error:  # the weights are still those of the last step
+            if not is_out_of_memory(error):
+                raise
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            stop_reason = "out_of_memory"
+            break
+        clock_s = decisions["clock_s"]
+        advance(state, decisions["skipped"], cfg.batch, position)
+        skipped_in_a_row = skipped_in_a_row + 1 if decisions["skipped"] else 0
+        add_to_window(window, loss, decisions["skipped"], cfg.batch, micro_batch_s)
+        if state["step"] % cfg.log_every == 0:
+            log_window(window, state, lr, grad_norm, cfg, speed, elapsed_s(), rank, world_size)
+            window = new_window(device)
+        step_s = time.time() - step_started if step_s == 0 else 0.9 * step_s + 0.1 * (time.time() - step_started)
+
+        stop_reason = why_stop(decisions, skipped_in_a_row)
+        if stop_reason:
+            break
+        if decisions["checkpoint_due"]:
+            file, write_error, seconds = checkpoint()
+            if write_error:
+                break
+            last_file, checkpoint_s, last_checkpoint = file, max(checkpoint_s, seconds), time.time()
+            window["paused_s"] += seconds
+        if decisions["validation_due"] and validated_step != state["step"]:
+            validation_started = time.time()
+            validate()
+            draw(picture, cfg, cfg.hours * 3600 - elapsed_s(), rank)
+            last_validation, validated_step = time.time(), state["step"]
+            validation_s = last_validation - validation_started
+            window["paused_s"] += validation_s
+
+    # --- the end: a checkpoint (unless the disk just refused one), a validation, then a line that says why
+    stop_reason = stop_reason or ("write_failed" if write_error else "max_steps")
+    if not write_error:
+        file, write_error, _ = checkpoint(stop_reason)
+        last_file = last_file if write_error else file
+    if stop_reason in ("max_steps", "deadline", "signal") and validated_step != state["step"]:
+        validate()
+    draw(picture, cfg, cfg.hours * 3600 - elapsed_s(), rank, final=True)
+    if world_size > 1:
+        # the work is done: torchrun's SIGTERM to the ranks still exiting when the first one ends would
+        # only turn their exit status from 128 + signal into a kill
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        dist.barrier()
+        dist.destroy_process_group()
+    finish(stop_reason, decisions["signal"], last_file, write_error, state, cfg, precision, elapsed_s(), rank)
 
 
-def resize_positions(table, rows, seed):
-    """A position table (positions, hidden) with `rows` rows: the first ones kept, extra rows drawn as BERT
-    draws every weight, normal(0, 0.02) from `seed` (zeros when seed is None: for optimizer moments). That
-    is where BERT's own phase 2 starts its positions 128-511 from: its phase 1 never reaches them."""
-    if rows <= len(table):
-        return table[:rows].clone()
-    extra = torch.zeros(rows - len(table), table.shape[1], dtype=table.dtype)
-    if seed is not None:
-        extra.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(seed))
-    return torch.cat([table, extra])
+# -----------------------------------------------------------------------------------------------
+# --plan: what a budget buys, measured before it is spent
 
 
 BERT24H_SEQUENCES = 23_000 * 4096  # 24hBERT's run: about 23k steps of 4,096 sequences of 128 tokens
@@ -1786,161 +2084,6 @@ def plan_budget(cfg, step_s, overhead_s, train_sequences, duplicates, seq_len, n
                 sequences=sequences, tokens=sequences * seq_len, epochs=epochs,
                 maskings_used=min(duplicates, math.ceil(epochs)), tokens_per_parameter=sequences * seq_len / n_params,
                 share_of_24hbert=sequences / BERT24H_SEQUENCES)
-
-
-def optimizer_params(optimizer):
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def train(cfg):
-    check_flags(cfg)
-    rank, world_size, device = setup_processes()
-
-    # --- data, model, optimizer
-    meta, splits, tokenizer_json, data_sha256 = open_data(cfg.data)
-    train_split, val_split = splits["train"], splits["val"]
-    micro_batches = check_batch(cfg, train_split, world_size)
-    seq_len, pad_id = meta["seq_len"], meta["special_token_ids"]["pad"]
-    model_config = make_model_config(cfg, meta)
-    model = build_model(model_config, cfg.seed, device)  # the same initial weights on every rank
-    optimizer, optimizer_name = make_optimizer(model, cfg, device)
-    precision = pick_precision(cfg.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 needs loss scaling
-    torch.manual_seed(cfg.seed + rank)  # a different dropout stream on every rank
-
-    train_model = torch.compile(model) if cfg.compile else model
-    powersgd = None
-    if world_size > 1:  # hand-written data parallelism: DDP all-reduces the gradients in backward
-        train_model, powersgd = wrap_ddp(train_model, cfg, device)
-    speed = dict(seq_len=seq_len, flops_per_step=flops_per_sequence(model_config, seq_len, meta["max_predictions"])
-                 * cfg.batch, peak_flops=peak_flops(cfg, device))
-    setup = describe_setup(cfg, model, optimizer_name, precision, world_size, micro_batches, powersgd, val_split)
-    if cfg.plan:  # measure, say what the budget buys, write nothing
-        log("\n".join(setup), rank)
-        return plan(cfg, train_model, optimizer, scaler, powersgd, splits, meta, device, precision, rank, world_size,
-                    speed)
-
-    # --- where to start: a fresh run, or exactly where a checkpoint left off
-    on_rank0(rank, world_size, lambda: prepare_output(cfg))  # one writer per --out
-    state = dict(step=0, epoch=0, step_in_epoch=0, sequences_seen=0, elapsed_s=0.0, skipped_steps=0)
-    if cfg.resume:  # a second phase resumes its own checkpoints: --init-from only starts it
-        state = resume(cfg, model, optimizer, scaler, model_config, data_sha256, rank, world_size, device)
-    elif cfg.init_from:
-        init_from(cfg, model, optimizer, model_config, tokenizer_json, rank)
-    log("\n".join(setup), rank)
-    elapsed_before_s = state["elapsed_s"]
-
-    def elapsed_s():  # time spent against the budget, over all resumed runs
-        return elapsed_before_s + time.time() - PROCESS_START_S
-    identity = dict(model_config=dataclasses.asdict(model_config), train_config=dataclasses.asdict(cfg),
-                    tokenizer_json=tokenizer_json, tokenizer_sha256=meta["tokenizer_sha256"],
-                    special_token_ids=meta["special_token_ids"], data_sha256=data_sha256)
-
-    def checkpoint(stop_reason=None):
-        """Every rank calls it; rank 0 writes. Returns (file, why the write failed or None, seconds taken)."""
-        started = time.time()
-        run = {**identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-               "scaler": scaler.state_dict(), "state": {**state, "elapsed_s": elapsed_s()}, "stop_reason": stop_reason}
-        file, error = write_checkpoint(run, cfg.out, state["step"], rank, world_size, device)
-        return file, error, time.time() - started
-
-    last_drawing, drawing_s = time.time(), 2.0  # drawing_s: guessed until measured
-
-    def validate():
-        """The held-out loss and accuracy, logged and recorded."""
-        val_loss, val_accuracy = evaluate(model, val_split, cfg.micro_batch, pad_id, rank, world_size, device, precision)
-        log(f"validation at step {state['step']}: loss {val_loss:.4f}, masked-token accuracy {val_accuracy:.4f}", rank)
-        record(cfg.out if rank == 0 else None, "val", step=state["step"], val_loss=val_loss, val_accuracy=val_accuracy,
-               elapsed_h=elapsed_s() / 3600)
-
-    def draw(final=False):
-        """Rank 0 draws OUT/metrics.png anew: after a validation at most once a minute (which matters only
-        for runs of minutes), and at the end if the deadline leaves time for it."""
-        nonlocal last_drawing, drawing_s
-        if rank != 0 or not (time.time() - last_drawing >= 60 or final):
-            return
-        if final and cfg.hours * 3600 - elapsed_s() < drawing_s:
-            log(f"note: no time left to draw {cfg.out}/metrics.png; python train_bert.py --plot {cfg.out} draws it", rank)
-            return
-        started = time.time()
-        plot_runs([cfg.out], os.path.join(cfg.out, "metrics.png"))
-        last_drawing, drawing_s = time.time(), time.time() - started
-
-    # --- the loop: one optimizer step per iteration
-    batches = prefetch(train_batches(train_split, cfg, pad_id, rank, world_size, state["epoch"], state["step_in_epoch"],
-                                     pin_memory=device.type == "cuda"))
-    # durations that decide when to stop: an optimizer step, a validation (both measured) and a checkpoint
-    # (guessed at 100 MB/s for the weights and two moments until the first one is measured)
-    step_s, validation_s, checkpoint_s = 0.0, 0.0, 12 * sum(p.numel() for p in model.parameters()) / 100e6
-    last_checkpoint = last_validation = time.time()
-    validated_step = None if val_split["sequences"] else state["step"]  # an empty split: nothing to validate
-    window, skipped_in_a_row, stop_reason, last_file, write_error = new_window(device), 0, None, None, None
-    decisions = dict(signal=0)  # what all ranks agreed on at the last step
-    # The schedule reads the clock that all ranks agree on (the largest), so that they use the same lr and
-    # start PowerSGD on the same step; each step's agreement all-reduce refreshes it.
-    clock_s = agree_on_clock(elapsed_s(), world_size, device)
-    signal.signal(signal.SIGTERM, on_stop_signal)
-    signal.signal(signal.SIGINT, on_stop_signal)
-    model.train()
-    while not (cfg.max_steps and state["step"] >= cfg.max_steps):
-        step_started = time.time()
-        lr = set_learning_rate(optimizer, powersgd, cfg, state["step"], clock_s, rank)
-        # On logged steps, time each micro-batch (waiting for the GPU): only the last one communicates,
-        # so its extra time over the others is the communication that backward did not hide.
-        timed = world_size > 1 and micro_batches > 1 and (state["step"] + 1) % cfg.log_every == 0
-
-        def local_flags():  # stop unless another step, a checkpoint and the last validation still fit
-            # a validation reads the split forward only: about a third of a step per --batch sequences
-            guessed_validation_s = val_split["sequences"] / cfg.batch * step_s / 3
-            reserve_s = 1.5 * step_s + (validation_s or guessed_validation_s) + checkpoint_s + 1.0
-            return [cfg.hours * 3600 - elapsed_s() < reserve_s, STOP_SIGNALS[0] if STOP_SIGNALS else 0,
-                    time.time() - last_checkpoint >= cfg.checkpoint_minutes * 60,
-                    time.time() - last_validation >= validation_interval_s(cfg, step_s), elapsed_s()]
-
-        decisions, loss, grad_norm, position, micro_batch_s = train_step(
-            train_model, optimizer, scaler, powersgd, batches, micro_batches, device, precision, world_size,
-            local_flags, timed)
-        clock_s = decisions["clock_s"]
-        advance(state, decisions["skipped"], cfg.batch, position)
-        skipped_in_a_row = skipped_in_a_row + 1 if decisions["skipped"] else 0
-        add_to_window(window, loss, decisions["skipped"], cfg.batch, micro_batch_s)
-        if state["step"] % cfg.log_every == 0:
-            log_window(window, state, lr, grad_norm, cfg, speed, elapsed_s(), rank, world_size)
-            window = new_window(device)
-        step_s = time.time() - step_started if step_s == 0 else 0.9 * step_s + 0.1 * (time.time() - step_started)
-
-        stop_reason = why_stop(decisions, skipped_in_a_row)
-        if stop_reason:
-            break
-        if decisions["checkpoint_due"]:
-            file, write_error, seconds = checkpoint()
-            if write_error:
-                break
-            last_file, checkpoint_s, last_checkpoint = file, max(checkpoint_s, seconds), time.time()
-            window["paused_s"] += seconds
-        if decisions["validation_due"] and validated_step != state["step"]:
-            validation_started = time.time()
-            validate()
-            draw()
-            last_validation, validated_step = time.time(), state["step"]
-            validation_s = last_validation - validation_started
-            window["paused_s"] += validation_s
-
-    # --- the end: a checkpoint (unless the disk just refused one), a validation, then a line that says why
-    stop_reason = stop_reason or ("write_failed" if write_error else "max_steps")
-    if not write_error:
-        file, write_error, _ = checkpoint(stop_reason)
-        last_file = last_file if write_error else file
-    if stop_reason in ("max_steps", "deadline", "signal") and validated_step != state["step"]:
-        validate()
-    draw(final=True)
-    if world_size > 1:
-        # the work is done: torchrun's SIGTERM to the ranks still exiting when the first one ends would
-        # only turn their exit status from 128 + signal into a kill
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        dist.barrier()
-        dist.destroy_process_group()
-    finish(stop_reason, decisions["signal"], last_file, write_error, state, cfg, elapsed_s(), rank)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2085,6 +2228,8 @@ def main(argv=None):
         return
     try:
         train(cfg)
+    except KeyboardInterrupt:  # called from Python, not as a script: Ctrl-C before the loop takes over
+        fail("interrupted while starting; no checkpoint was written")
     finally:  # a process lets its locks go when it ends; a caller in the same process needs them let go now
         while OUTPUT_LOCKS:
             OUTPUT_LOCKS.pop().close()

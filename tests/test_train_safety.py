@@ -404,3 +404,150 @@ def test_sigterm_to_one_worker_stops_every_rank_with_a_checkpoint(small_wikitext
     assert stderr.count("exitcode  : 143") == 2, stderr  # both ranks: 128 + SIGTERM
     checkpoint = final_state(out)
     assert checkpoint["stop_reason"] == "signal" and len(checkpoint["rng"]) == 2
+
+
+# -------------------------------------------------------------------------------------------------
+# Found by a hostile pass over the scripts
+
+
+def test_a_micro_batch_without_a_masked_token_counts_zero_not_nan(tmp_path, minilm_dir, wikitext_raw):
+    """Rows of [UNK] (600 emoji) have nothing to mask. A micro-batch of such rows once made the loss NaN
+    and threw its whole step away; it now adds nothing, and no step is skipped."""
+    logits = torch.randn(2, 3, 11, requires_grad=True)
+    assert train_bert.mlm_loss(logits, torch.full((2, 3), -100)).item() == 0
+    labels = torch.tensor([[1, 2, -100], [3, -100, -100]])
+    torch.testing.assert_close(train_bert.mlm_loss(logits, labels),
+                               torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100))
+    with open(wikitext_raw, encoding="utf-8") as f:
+        text = f.read(35_000)
+    (tmp_path / "emoji.txt").write_text(text[:17_000] + "\n" + " ".join(["\U0001F642"] * 600) + "\n" + text[17_000:])
+    run_script("prepare_data.py", "--input", tmp_path / "emoji.txt", "--tokenizer", os.path.join(minilm_dir, "vocab.txt"),
+               "--out", tmp_path / "data", "--workers", 1, "--val-fraction", 0)
+    out = tmp_path / "run"
+    run_train("--data", tmp_path / "data", "--out", out, *TINY, "--batch", 16, "--micro-batch", 1, "--max-steps", 8)
+    assert final_state(out)["state"]["skipped_steps"] == 0
+    assert all(r["loss"] is not None and math.isfinite(r["loss"]) for r in records(out, "train"))
+
+
+def test_checkpoints_are_ordered_by_step_past_99999999(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for step in (99_999_998, 99_999_999, 100_000_000):
+        (folder / f"step-{step:08d}.pt").write_bytes(b"x")
+    names = [os.path.basename(f) for f in train_bert.checkpoint_files(str(tmp_path))]
+    assert names == ["step-99999998.pt", "step-99999999.pt", "step-100000000.pt"]
+    assert train_bert.save_checkpoint({"a": torch.zeros(1)}, str(folder / "step-100000001.pt")) is None
+    assert sorted(os.listdir(folder)) == ["step-100000000.pt", "step-100000001.pt", "step-99999999.pt"]  # the 3 newest
+
+
+def test_a_finished_run_resumed_again_does_nothing(stopped_run, small_wikitext):
+    before = {f: os.path.getmtime(f) for f in checkpoints(stopped_run)}
+    result = run_train("--data", small_wikitext, "--out", stopped_run, *QUICK, "--max-steps", 3, "--resume", stopped_run)
+    assert "nothing to do: the run is at step 3 and --max-steps 3 is reached; raise it to go on" in result.stdout
+    assert {f: os.path.getmtime(f) for f in checkpoints(stopped_run)} == before  # no step, no new checkpoint
+
+
+def damage_checkpoint(change):
+    def damage(path):
+        checkpoint = torch.load(path, weights_only=True)
+        change(checkpoint)
+        torch.save(checkpoint, path)
+    return damage
+
+
+DAMAGED_CHECKPOINTS = [
+    (lambda c: next(iter(c["optimizer"]["state"].values()))["exp_avg"].fill_(math.nan),
+     "holds optimizer moments or settings that are not finite; resume an earlier checkpoint"),
+    (lambda c: next(iter(c["optimizer"]["state"].values()))["exp_avg_sq"].fill_(-1), "holds negative second moments"),
+    (lambda c: c["optimizer"].update(state={}), "holds optimizer moments for 0 of the 36 weight tensors"),
+    (lambda c: c["optimizer"]["param_groups"][0].update(betas=(math.nan, 0.999)), "settings that are not finite"),
+    (lambda c: c.update(rng=[{"cpu": "x"}]), "the random generator states in"),
+    (lambda c: c.update(data_sha256=None), "its data_sha256 is not a hash"),
+    (lambda c: c["state"].update(elapsed_s=1e300), "its run state (step, data position, time spent) is invalid"),
+]
+
+
+@pytest.mark.parametrize("change, phrase", DAMAGED_CHECKPOINTS)
+def test_a_damaged_checkpoint_is_refused_with_one_line(stopped_run, small_wikitext, tmp_path, change, phrase):
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run, run)
+    for path in checkpoints(run)[:-1]:
+        os.remove(path)  # only the damaged newest is left
+    damage_checkpoint(change)(checkpoints(run)[-1])
+    message = user_error("--data", small_wikitext, "--out", run, *QUICK, "--max-steps", 6, "--resume", run)
+    assert message.startswith("train_bert.py: error: cannot resume: ") and phrase in message, message
+
+
+def write_into(array_file, change):
+    def damage(folder):
+        array = np.load(folder / array_file, mmap_mode="r+")
+        change(array)
+        array.flush()
+    return damage
+
+
+DAMAGED_VALUES = [
+    (write_into("train-00000-mask_positions.npy", lambda a: a.__setitem__((slice(None), slice(None), 2), 200)),
+     "is damaged: a row of its shard train-00000 holds a masked position beyond seq_len or a token id beyond the "
+     "vocabulary; run prepare_data.py again"),
+    (write_into("train-00000-input_ids.npy", lambda a: a.__setitem__((slice(None), 5), 65000)), "is damaged: a row"),
+    (lambda f: edit_meta(f, lambda m: m.update(vocab_size=30000)),
+     "meta.json has vocab_size 30000, its tokenizer.json has 30522 tokens"),
+    (lambda f: (f / "val-00000-input_ids.npy").write_bytes(b""), "val-00000-input_ids.npy cannot be read (EOFError)"),
+    (lambda f: edit_meta(f, lambda m: m.update(format_version=True)), "meta.json has format_version True"),
+]
+
+
+@pytest.mark.parametrize("breakage, phrase", DAMAGED_VALUES)
+def test_values_the_model_cannot_take_are_refused(small_wikitext, tmp_path, breakage, phrase):
+    """Positions beyond the sequence and token ids beyond the vocabulary would end deep inside torch
+    (IndexError, or a device-side assert on a GPU); they are caught as the batches are read."""
+    folder = tmp_path / "data"
+    shutil.copytree(small_wikitext, folder)
+    breakage(folder)
+    result = run_train("--data", folder, "--out", tmp_path / "out", *QUICK, "--max-steps", 3, check=False)
+    assert_user_error(result, phrase)
+
+
+def test_paths_and_sizes_that_cannot_work(small_wikitext, tmp_path):
+    cases = [(["--data", os.path.join(small_wikitext, "meta.json"), "--out", tmp_path / "a"],
+              "meta.json is a file; pass the folder that prepare_data.py wrote"),
+             (["--data", small_wikitext, "--out", ""], "--out and --data must name folders, not be empty"),
+             (["--data", small_wikitext, "--out", small_wikitext], "is the data folder; choose another folder"),
+             (["--data", small_wikitext, "--out", tmp_path / "b", "--num-layers", 16_777_216],
+              "parameters, which need about 15,6"),
+             (["--data", small_wikitext, "--out", tmp_path / "c", "--lr", "1e39"], "at most 3.4e38, the largest float32")]
+    for args, phrase in cases:
+        message = user_error(*args, *TINY, "--batch", 16, "--micro-batch", 16)
+        assert phrase in message, message
+
+
+def test_parameter_count_matches_the_built_model():
+    for pre_ln in (True, False):
+        config = BertConfig(**train_bert.MODEL_PRESETS["tiny"], pre_ln=pre_ln)
+        assert train_bert.parameter_count(config) == sum(p.numel() for p in BertForMLM(config).parameters())
+
+
+def test_ctrl_c_while_starting_is_one_line(small_wikitext, tmp_path):
+    process = start_train("--data", small_wikitext, "--out", tmp_path / "early", *QUICK, "--max-steps", 50)
+    time.sleep(0.5)  # still importing torch
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and stderr.strip() == \
+        "train_bert.py: interrupted while starting; no checkpoint was written", stderr
+
+
+def test_running_out_of_memory_stops_with_the_last_weights(small_wikitext, tmp_path):
+    """The base model with a micro-batch of 96 cannot allocate its attention under a 4 GB address-space
+    limit: the run writes the weights it has (step 0) and says what to do, instead of a traceback."""
+    out = tmp_path / "oom"
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    result = subprocess.run([sys.executable, TRAIN, "--data", small_wikitext, "--out", str(out), "--model", "base",
+                             "--batch", "96", "--micro-batch", "96", "--max-steps", "2"], capture_output=True, text=True,
+                            cwd=REPO, env=ENV, preexec_fn=limit_memory, timeout=300)
+    assert_user_error(result, "out of memory at step 1 with --micro-batch 96; the weights of step 0 are in",
+                      "pass a smaller --micro-batch (--plan finds one that fits)")
+    assert final_state(out)["stop_reason"] == "out_of_memory"
