@@ -10,8 +10,10 @@ chunks of about 512 KB of text (a longer document into several, at whitespace) -
 chunk: tokenize, pack into fixed-length [CLS] ... [SEP] rows, mask each row `dup_factor` times ->
 write shards in chunk order. Memory stays bounded whatever the corpus or the length of a document.
 
-Safety: OUT is written as OUT.partial and renamed when complete; OUT.lock keeps a second run off the
-same OUT; a rerun finds OUT complete, or says which setting or input file differs.
+Safety: OUT is written as OUT.partial and renamed when complete; Ctrl-C or SIGTERM, once or repeatedly,
+removes OUT.partial and kills the workers, which also die with the main process on Linux; OUT.lock keeps a
+second run off the same OUT; a rerun finds OUT complete (every file as meta.json lists it), or says which
+setting or input file differs, or which file is damaged.
 
 Output folder (what train_bert.py reads; the contract is meta.json, not shared code):
     meta.json                       format, settings, special ids, counts, every array's file/shape/dtype
@@ -33,6 +35,7 @@ random generator seeded by (seed, split, chunk index), so --workers never change
 
 import argparse
 import ast
+import ctypes
 import errno
 import fcntl
 import glob
@@ -48,9 +51,11 @@ import time
 import urllib.parse
 import urllib.request
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import current_process as mp_current_process
+from concurrent.futures import ProcessPoolExecutor, wait as wait_for_futures
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
+from multiprocessing import current_process as mp_current_process, parent_process as mp_parent_process
 
 import numpy as np
 
@@ -112,6 +117,11 @@ def expand_inputs(patterns, out):
             if real_path not in seen and not (real_path + os.sep).startswith(own):  # once, even if linked twice
                 kept.append(path)
                 seen.add(real_path)
+        if not kept and os.path.realpath(pattern) == out:
+            raise UserError(f"input {pattern!r} is the output folder itself (--out); choose another --out")
+        if not kept and found:
+            raise UserError(f"input {pattern!r} matches only this run's own output ({out}); "
+                            f"choose another --out or --input")
         if not kept:
             raise UserError(f"input {pattern!r} matches no file; check the path")
         files += kept
@@ -177,6 +187,8 @@ def read_jsonl_file(path, text_column):
                 row = json.loads(line)
             except json.JSONDecodeError:
                 raise UserError(f"{path}:{line_number} is not valid JSON; a .jsonl file needs one JSON object per line")
+            except RecursionError:  # json refuses nesting deeper than Python's recursion limit
+                raise UserError(f"{path}:{line_number} is JSON nested too deeply to read; fix or drop that row")
             if not isinstance(row, dict) or text_column not in row:
                 raise UserError(f"{path}:{line_number} has no {text_column!r} field; set --text-column")
             text = row[text_column]
@@ -415,10 +427,16 @@ def train_tokenizer(documents, vocab_size):
 
 
 def special_token_ids(tokenizer, name):
+    from tokenizers.models import WordPiece
+
     ids = {key: tokenizer.token_to_id(f"[{key.upper()}]") for key in ("cls", "sep", "mask", "pad", "unk")}
     missing = [f"[{key.upper()}]" for key in ("cls", "sep", "mask", "pad") if ids[key] is None]
     if missing:
         raise UserError(f"tokenizer {name} has no {' '.join(missing)} token; use a BERT tokenizer (vocab.txt or tokenizer.json)")
+    model = tokenizer.model  # WordPiece spells a word it cannot split as unk_token, and crashes if it has none
+    if isinstance(model, WordPiece) and tokenizer.token_to_id(model.unk_token) is None:
+        raise UserError(f"tokenizer {name} has no {model.unk_token} token, which WordPiece needs for words it cannot "
+                        f"spell; add it or use a BERT tokenizer (vocab.txt or tokenizer.json)")
     return ids
 
 
@@ -498,12 +516,14 @@ def mask_sequences(input_ids, dup, rng, is_special, mask_id, random_ids, mask_pr
 # Workers: one chunk of documents in, the arrays of its rows out.
 
 WORKER = {}  # the tokenizer and settings of this worker process
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # Ctrl-C, and kill's default: both end the run (see interrupt)
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def init_worker(tokenizer_json, settings):
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the pool is the parallelism
     if mp_current_process().name != "MainProcess":
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+        leave_signals_to_the_main_process()
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(tokenizer_json)
@@ -511,6 +531,22 @@ def init_worker(tokenizer_json, settings):
     tokenizer.no_padding()
     is_special = special_token_mask(tokenizer, settings["special_token_ids"])
     WORKER.update(tokenizer=tokenizer, is_special=is_special, random_ids=np.flatnonzero(~is_special), **settings)
+
+
+def leave_signals_to_the_main_process():
+    """Ctrl-C reaches the whole process group: a worker ignores it, and the main process stops the pool. SIGTERM
+    (the pool's own terminate(), or a kill) ends a worker at once, without the main process's handler and its
+    traceback. And a worker dies with the main process, however that ends, kill -9 included, instead of
+    running on, waiting for tasks with the caller's pipes open."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held back by run_chunks until now
+    if sys.platform != "linux":  # prctl is Linux's; elsewhere a worker can outlive a killed main process
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the kernel kills us when the main process (our parent) ends
+    if not mp_parent_process().is_alive():  # it ended before prctl: nobody will ask for results
+        os._exit(1)
 
 
 def process_chunk(split, chunk_index, texts, continues_previous):
@@ -538,6 +574,7 @@ def process_chunk(split, chunk_index, texts, continues_previous):
             "padding_tokens": int((input_ids == ids["pad"]).sum()),
             "maskable_tokens": int((~w["is_special"][input_ids]).sum()) * dup,
             "masked_tokens": int((positions != 0).sum()),
+            "rows_without_predictions": int((positions[0] == 0).all(axis=-1).sum()),  # only specials: nothing to learn
         },
     }
 
@@ -589,20 +626,53 @@ def chunk_tasks(documents, cfg):
 
 
 def run_chunks(tasks, workers, tokenizer_json, settings):
-    """Yields each chunk's result in task order; at most 2 tasks per worker are in flight."""
+    """Yields each chunk's result in task order; at most 2 tasks per worker are in flight. If the caller stops
+    early (Ctrl-C, an error, or closing this generator) or a worker dies, all workers are killed at once."""
     if workers == 1:
         init_worker(tokenizer_json, settings)
         for task in tasks:
             yield process_chunk(*task)
         return
     with ProcessPoolExecutor(workers, initializer=init_worker, initargs=(tokenizer_json, settings)) as pool:
-        in_flight = deque()
-        for task in tasks:
-            in_flight.append(pool.submit(process_chunk, *task))
-            if len(in_flight) >= 2 * workers:
-                yield in_flight.popleft().result()
-        while in_flight:
-            yield in_flight.popleft().result()
+        try:
+            in_flight = deque()
+            for task in tasks:
+                # submit() may start a worker, which runs this process's signal handlers until init_worker sets
+                # its own: a Ctrl-C in between would end it with a traceback. Such a signal waits instead.
+                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+                try:
+                    in_flight.append(pool.submit(process_chunk, *task))
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                if len(in_flight) >= 2 * workers:
+                    yield result_while_workers_live(in_flight.popleft(), pool)
+            while in_flight:
+                yield result_while_workers_live(in_flight.popleft(), pool)
+        except BaseException:
+            kill_workers(pool)
+            raise
+
+
+def result_while_workers_live(future, pool):
+    """future.result(), but a dead worker (out of memory, kill -9) ends the wait: the pool notices a death by
+    itself, except while it waits for the rest of a result that the worker was sending when it died."""
+    while not wait_for_futures([future], timeout=1).done:
+        if any(process.exitcode is not None for process in list(pool._processes.values())):
+            raise BrokenProcessPool("a worker process died")
+    return future.result()
+
+
+def kill_workers(pool):
+    """Kills the workers now, rather than waiting for the tasks they hold, and drops the queued tasks. The pool's
+    thread may be waiting for the rest of a result that a killed worker was sending, and would wait forever, and
+    so would shutdown() and the exit of this process: closing this process's end of the result pipe, the last
+    one open once the workers are dead, ends that wait. (_processes and _result_queue are private: the pool
+    offers no public way to do either.)"""
+    for process in list(pool._processes.values()) if pool._processes else []:
+        process.kill()
+    if pool._result_queue is not None:
+        pool._result_queue._writer.close()
+    pool.shutdown(cancel_futures=True)
 
 
 # -----------------------------------------------------------------------------
@@ -623,7 +693,7 @@ class ShardWriter:
         self.buffer = []
         self.shards = []
         self.stats = {"documents": 0, "tokens": 0, "sequences": 0, "padding_tokens": 0,
-                      "maskable_tokens": 0, "masked_tokens": 0}
+                      "maskable_tokens": 0, "masked_tokens": 0, "rows_without_predictions": 0}
 
     def add(self, result):
         self.buffer.append(result)
@@ -701,11 +771,18 @@ def check_output_folder(out, settings):
                 meta = json.load(f)
         except ValueError:  # not JSON, or not UTF-8
             meta = None
-        if not isinstance(meta, dict) or not isinstance(meta.get("settings"), dict):
+        if not isinstance(meta, dict) or not isinstance(meta.get("settings"), dict) \
+                or not isinstance(meta["settings"].get("sources", []), list):
             raise UserError(f"{meta_path} is damaged (not the JSON object prepare_data.py writes); "
                             f"delete {out} or choose another --out")
         old = meta["settings"]
         if old == settings:
+            try:
+                damage = damaged_file(out, meta)
+            except (KeyError, TypeError, AttributeError):  # not the lists and dicts that write_dataset writes
+                damage = "meta.json does not list its files as prepare_data.py does"
+            if damage:
+                raise UserError(f"{out} is damaged ({damage}); delete it and run the same command again")
             return True
         changed = changed_inputs(old.get("sources"), settings["sources"])
         if changed:
@@ -719,10 +796,46 @@ def check_output_folder(out, settings):
     return False
 
 
+def damaged_file(out, meta):
+    """What is wrong with the first file of a finished OUT that is missing or not as meta.json lists it, or None.
+    np.load with mmap_mode reads an array's header only, so this is cheap even for a large OUT. Without it, a
+    damaged OUT would be found complete here and incomplete by train_bert.py, which sends the user back here."""
+    tokenizer_path = os.path.join(out, "tokenizer.json")
+    if not os.path.isfile(tokenizer_path):
+        return "tokenizer.json is missing"
+    if file_sha256(tokenizer_path) != meta["tokenizer_sha256"]:
+        return "tokenizer.json is not the one meta.json records: its sha256 differs"
+    for split in meta["splits"].values():
+        for shard in split["shards"]:
+            for name in ARRAY_ROLES:
+                file, shape, dtype = shard[name]["file"], shard[name]["shape"], shard[name]["dtype"]
+                if os.path.basename(file) != file:  # a bare name: nothing outside OUT is read
+                    return f"meta.json names {file}, not a file in it"
+                try:
+                    array = np.load(os.path.join(out, file), mmap_mode="r")
+                except FileNotFoundError:
+                    return f"{file} is missing"
+                except (ValueError, EOFError, IsADirectoryError):  # a short or empty file, or not .npy at all
+                    return f"{file} is cut short or is not a .npy array"
+                if list(array.shape) != shape or str(array.dtype) != dtype:
+                    return f"{file} holds {array.dtype} {list(array.shape)}, meta.json lists {dtype} {shape}"
+    return None
+
+
 def changed_inputs(old_sources, sources):
     """The input files named in both lists whose size or modification time are no longer the same."""
-    old_files = {s.get("path"): s for s in old_sources or [] if isinstance(s, dict) and s.get("kind") == "file"}
+    old_files = {s["path"]: s for s in old_sources or []
+                 if isinstance(s, dict) and s.get("kind") == "file" and isinstance(s.get("path"), str)}
     return [s["path"] for s in sources if s["kind"] == "file" and s["path"] in old_files and old_files[s["path"]] != s]
+
+
+def check_out_parent(out):
+    """--out some.txt/sub: one line that says some.txt is a file, before anything tries to create a folder in it."""
+    parent = os.path.dirname(out)
+    while not os.path.exists(parent):  # ends at "/" at the latest
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"--out {out} is inside {parent}, which is a file, not a folder; choose another --out")
 
 
 def lock_output(out):
@@ -794,6 +907,7 @@ def prepare(cfg):
     start = time.time()
     check_config(cfg)
     out = os.path.abspath(cfg.out)  # also makes "." and "dir/" into names that OUT.partial can sit beside
+    check_out_parent(out)
     lock_file = lock_output(out)
     try:
         sources = describe_sources(cfg)
@@ -817,6 +931,10 @@ def prepare(cfg):
           f"masked {100 * train['masked_tokens'] / max(1, train['maskable_tokens']):.2f}% of maskable tokens, "
           f"{summary['bytes_on_disk'] / 2**20:,.1f} MiB on disk "
           f"({summary['bytes_per_sequence_per_duplicate']:.1f} bytes per sequence per masking) -> {out}")
+    if train["rows_without_predictions"]:
+        print(f"note: {train['rows_without_predictions']:,} of {train['sequences']:,} training rows have nothing to "
+              f"mask (only [UNK], [CLS], [SEP] or padding): they teach nothing; check the text or the tokenizer",
+              file=sys.stderr)
 
 
 def write_output_folder(cfg, sources, settings, out):
@@ -868,8 +986,9 @@ def write_dataset(cfg, sources, settings, folder):
     tasks = chunk_tasks(iter_documents(sources, cfg), cfg)
     start, tokens = time.time(), 0
     with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, mininterval=1,
-              desc=f"tokenizing and masking ({workers} workers)", file=sys.stderr) as progress:
-        for result in run_chunks(tasks, workers, tokenizer.to_str(), worker_settings):
+              desc=f"tokenizing and masking ({workers} workers)", file=sys.stderr) as progress, \
+            closing(run_chunks(tasks, workers, tokenizer.to_str(), worker_settings)) as results:
+        for result in results:  # closing: a Ctrl-C here, not in run_chunks, still stops the workers at once
             writers[result["split"]].add(result)
             tokens += result["stats"]["tokens"]
             progress.update(result["chars"])
@@ -967,13 +1086,17 @@ def usage_error(message):
 
 
 def interrupt(signum, frame):
-    """SIGTERM ends the run like Ctrl-C: the unfinished folder is removed, nothing half-written stays."""
+    """Ctrl-C and SIGTERM end the run: the unfinished folder is removed, nothing half-written stays. Further
+    signals are ignored from here on, so that pressing Ctrl-C again cannot cut that cleanup short."""
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
 def main(argv=None):
     cfg = parse_args(argv)
-    signal.signal(signal.SIGTERM, interrupt)
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, interrupt)
     try:
         prepare(cfg)
     except UserError as e:
@@ -982,10 +1105,15 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("error: interrupted; nothing was kept, run the same command again to start over", file=sys.stderr)
         sys.exit(130)
+    except BrokenProcessPool:
+        print("error: a worker process died (killed, or out of memory?); nothing was kept, run the same command "
+              "again, with fewer --workers if memory is short", file=sys.stderr)
+        sys.exit(1)
     except OSError as e:
         if is_disk_full(e):
             where = e.filename or os.path.abspath(cfg.out) + ".partial"
-            print(f"error: the disk is full ({where}); free space and run the same command again", file=sys.stderr)
+            print(f"error: the disk is full or refuses a file this large ({where}); free space or choose an --out "
+                  f"on another disk, and run the same command again", file=sys.stderr)
             sys.exit(1)
         if e.filename is None:
             raise  # not about a path: a bug, so the traceback stays
@@ -994,8 +1122,10 @@ def main(argv=None):
 
 
 def is_disk_full(error):
-    """ENOSPC or EDQUOT, or numpy's short write, which has no errno ("8192 requested and 0 written")."""
-    return error.errno in (errno.ENOSPC, errno.EDQUOT) or (error.errno is None and "requested and" in str(error))
+    """ENOSPC or EDQUOT; EFBIG, a file over a size limit (ulimit -f, FAT32's 4 GiB); or numpy's short write,
+    which has no errno ("8192 requested and 0 written")."""
+    return (error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            or (error.errno is None and "requested and" in str(error)))
 
 
 if __name__ == "__main__":

@@ -567,7 +567,7 @@ def open_data(data_dir):
                 try:
                     arrays[key] = np.load(os.path.join(data_dir, listed["file"]), mmap_mode="r")
                 except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
-                    incomplete(f"the array file {listed['file']} cannot be read ({error.__class__.__name__})")
+                    incomplete(f"{listed['file']} cannot be read ({error.__class__.__name__})")
                 if list(arrays[key].shape) != listed["shape"] or arrays[key].dtype.name != listed["dtype"]:
                     incomplete(f"{listed['file']} holds {arrays[key].dtype.name} {list(arrays[key].shape)}, "
                                f"meta.json lists {listed['dtype']} {listed['shape']}")
@@ -2153,6 +2153,7 @@ def plot_runs(runs, png):
                       va="center", transform=mfu_axis.transAxes)
         mfu_axis.set_xticks([])
         mfu_axis.set_yticks([])
+        mfu_axis.set_xlabel("")
     figure.suptitle(", ".join(os.path.basename(os.path.normpath(run)) for run in runs))
     figure.tight_layout()
     figure.savefig(png + ".tmp.png", dpi=100)

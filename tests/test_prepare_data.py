@@ -5,6 +5,7 @@ import filecmp
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,6 +81,7 @@ def test_real_text_counts_and_format(prepared_wikitext):
     last_real = 127 - np.argmax(~padding[:, ::-1], axis=1)
     assert (input_ids[np.arange(len(input_ids)), last_real] == ids["sep"]).all()
     assert meta["bytes_per_sequence_per_duplicate"] <= 90
+    assert meta["splits"]["train"]["rows_without_predictions"] == 0
 
 
 def test_masking_statistics_on_real_text(prepared_wikitext):
@@ -277,6 +279,24 @@ def test_mask_sequences_edge_cases():
     assert ((with_many != 0).sum(-1) == 10).all()  # capped at max_predictions
 
 
+def test_rows_with_nothing_to_mask_are_counted_and_noted(tmp_path, minilm_dir, capsys):
+    """600 emoji are 600 [UNK]s to a BERT vocabulary: their rows have no position to mask, so they teach nothing."""
+    (tmp_path / "emoji.txt").write_text("\n".join(DOCS[:8] + [" ".join(["\U0001F600"] * 600)] + DOCS[8:16]) + "\n",
+                                        encoding="utf-8")
+    out = tmp_path / "out"
+    prepare_data.main(["--input", str(tmp_path / "emoji.txt"), "--tokenizer", os.path.join(minilm_dir, "vocab.txt"),
+                       "--seq-len", "32", "--dup-factor", "2", "--val-fraction", "0", "--workers", "1", "--out", str(out)])
+    meta, input_ids, positions, _ = load_split(out, "train")
+    special = list(meta["special_token_ids"].values())
+    nothing_to_mask = np.isin(input_ids, special).all(axis=1)
+    count, rows = int(nothing_to_mask.sum()), len(input_ids)
+    assert count >= 15 and meta["splits"]["train"]["rows_without_predictions"] == count
+    assert ((positions != 0).any(axis=-1) == ~nothing_to_mask).all(), "a row with text went unmasked, or the reverse"
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {count} of {rows} training rows have nothing to mask (only [UNK], [CLS], [SEP] or padding): "
+                     f"they teach nothing; check the text or the tokenizer"]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def assert_clean_failure(result, out, *words):
@@ -347,6 +367,83 @@ def test_interrupted_run_leaves_nothing_and_reruns_cleanly(tmp_path, minilm_dir,
     load_split(out, "train")
 
 
+def live_processes_with(word):
+    """Processes (not zombies) whose command line has `word` among its arguments."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            arguments = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            state = open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1].split()[0]
+        except OSError:  # ended meanwhile
+            continue
+        if word.encode() in arguments and state not in (b"Z", b"X"):
+            pids.append(int(pid))
+    return pids
+
+
+def workers_of(process, count, seconds=60):
+    """The pids of the first `count` children of a running process, once it has them."""
+    children = f"/proc/{process.pid}/task/{process.pid}/children"
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if not os.path.exists(children):
+            pytest.skip("this kernel does not list a process's children in /proc")
+        workers = [int(pid) for pid in open(children).read().split()]
+        if len(workers) >= count:
+            return workers
+        time.sleep(0.01)
+    raise AssertionError(f"no {count} workers after {seconds} s")
+
+
+@pytest.mark.parametrize("signal_number, to_the_group", [(signal.SIGINT, False), (signal.SIGTERM, True)],
+                         ids=["ctrl-c twice", "sigterm twice to the group"])
+def test_a_second_signal_still_ends_the_run_at_once(signal_number, to_the_group, tmp_path, minilm_dir, wikitext_raw):
+    """Ctrl-C pressed twice once hung the run for good, and SIGTERM twice left its workers running."""
+    out = tmp_path / "out"
+    args = [sys.executable, PREPARE, *["--input", wikitext_raw] * 6, "--tokenizer", os.path.join(minilm_dir, "vocab.txt"),
+            "--workers", "2", "--out", str(out)]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                               start_new_session=to_the_group)
+    try:
+        workers_of(process, 2)
+        time.sleep(0.3)  # the workers are busy with chunks
+        assert os.path.isdir(str(out) + ".partial")
+        for _ in range(2):
+            os.killpg(process.pid, signal_number) if to_the_group else process.send_signal(signal_number)
+            time.sleep(0.05)
+        _, stderr = process.communicate(timeout=10)
+    finally:
+        for pid in live_processes_with(str(out)):
+            os.kill(pid, signal.SIGKILL)
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("tokenizing and masking")]
+    assert process.returncode == 130, stderr
+    assert lines == ["error: interrupted; nothing was kept, run the same command again to start over"], stderr
+    assert live_processes_with(str(out)) == [], "a worker outlived the run"
+    for leftover in (out, str(out) + ".partial", str(out) + ".lock"):
+        assert not os.path.exists(leftover), leftover
+
+
+def test_a_killed_worker_ends_the_run_with_one_line(tmp_path, minilm_dir, wikitext_raw):
+    """kill -9 of a worker, as the out-of-memory killer sends, ends the run with one line: no traceback, no hang."""
+    out = tmp_path / "out"
+    args = [sys.executable, PREPARE, *["--input", wikitext_raw] * 6, "--tokenizer", os.path.join(minilm_dir, "vocab.txt"),
+            "--workers", "2", "--out", str(out)]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        worker = workers_of(process, 2)[0]
+        time.sleep(0.3)
+        os.kill(worker, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        for pid in live_processes_with(str(out)):
+            os.kill(pid, signal.SIGKILL)
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("tokenizing and masking")]
+    assert process.returncode == 1 and len(lines) == 1 and "a worker process died" in lines[0], stderr
+    assert live_processes_with(str(out)) == []
+    for leftover in (out, str(out) + ".partial", str(out) + ".lock"):
+        assert not os.path.exists(leftover), leftover
+
+
 def test_full_disk_gets_a_clear_error_and_leaves_nothing(tmp_path, minilm_dir, monkeypatch, capsys):
     text = tmp_path / "ok.txt"
     text.write_text("\n".join(DOCS) + "\n")
@@ -363,6 +460,25 @@ def test_full_disk_gets_a_clear_error_and_leaves_nothing(tmp_path, minilm_dir, m
     error = capsys.readouterr().err
     assert "disk is full" in error and "Traceback" not in error
     assert not os.path.exists(out) and not os.path.exists(str(out) + ".partial")
+
+
+def test_a_file_size_limit_reads_like_a_full_disk(tmp_path, minilm_dir):
+    """ulimit -f (or FAT32's 4 GiB) makes a write fail with EFBIG, "File too large", once SIGXFSZ is ignored."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # tokenizer.json alone is about 700 KB
+
+    text = tmp_path / "ok.txt"
+    text.write_text("\n".join(DOCS) + "\n")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, PREPARE, "--input", str(text), "--tokenizer",
+                             os.path.join(minilm_dir, "vocab.txt"), "--workers", "1", "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO, timeout=120, preexec_fn=limit_file_size)
+    assert result.returncode == 1
+    assert_clean_failure(result, out, "the disk is full or refuses a file this large", "run the same command again")
+    assert not os.path.exists(str(out) + ".lock")
 
 
 @pytest.fixture
@@ -519,6 +635,10 @@ BAD_FILES = [  # (what, file name, its bytes or a function that writes it, extra
      ["tokenizer.json", "not a tokenizers JSON file"]),
     ("vocab of specials only", "specials.txt", b"[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n", ["--tokenizer", "{file}"],
      ["specials.txt", "only special tokens"]),
+    ("vocab without [UNK]", "no_unk.txt", b"[PAD]\n[CLS]\n[SEP]\n[MASK]\nthe\nquick\n", ["--tokenizer", "{file}"],
+     ["no_unk.txt has no [UNK] token", "WordPiece"]),
+    ("jsonl nested too deep", "rows.jsonl", b'{"text": "ok"}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n", [],
+     ["rows.jsonl:2", "nested too deeply"]),
 ]
 
 
@@ -569,7 +689,7 @@ def test_hub_row_that_is_not_text_gets_one_line(tmp_path, minilm_dir, monkeypatc
 def test_damaged_meta_json_in_out_gets_one_line_and_is_left_alone(tmp_path, minilm_dir, capsys):
     text = tmp_path / "ok.txt"
     text.write_text("\n".join(DOCS) + "\n")
-    for damage in (b"{not json", b"\xff\xfe", b"[1, 2]", b'{"settings": 3}'):
+    for damage in (b"{not json", b"\xff\xfe", b"[1, 2]", b'{"settings": 3}', b'{"settings": {"sources": 5}}'):
         out = tmp_path / "out"
         out.mkdir(exist_ok=True)
         (out / "meta.json").write_bytes(damage)
@@ -578,6 +698,51 @@ def test_damaged_meta_json_in_out_gets_one_line_and_is_left_alone(tmp_path, mini
         assert code == 2 and len(lines) == 1 and "meta.json is damaged" in lines[0], (damage, lines)
         assert os.listdir(out) == ["meta.json"] and (out / "meta.json").read_bytes() == damage
         assert not os.path.exists(str(out) + ".partial") and not os.path.exists(str(out) + ".lock")
+
+
+def truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+DAMAGES = [  # (what, how OUT is damaged, words the error line has)
+    ("an array cut short", lambda out: truncate(out / "train-00000-mask_tokens.npy"),
+     ["train-00000-mask_tokens.npy is cut short"]),
+    ("an array deleted", lambda out: os.remove(out / "val-00000-input_ids.npy"), ["val-00000-input_ids.npy is missing"]),
+    ("an array swapped", lambda out: shutil.copy(out / "train-00000-mask_positions.npy", out / "train-00000-mask_tokens.npy"),
+     ["train-00000-mask_tokens.npy holds uint8", "meta.json lists uint16"]),
+    ("tokenizer.json deleted", lambda out: os.remove(out / "tokenizer.json"), ["tokenizer.json is missing"]),
+    ("tokenizer.json changed", lambda out: open(out / "tokenizer.json", "a").write(" "), ["tokenizer.json is not the one"]),
+    ("meta.json without shards", lambda out: rewrite_meta(out, splits={"train": {"shards": 3}}),
+     ["meta.json does not list its files"]),
+    ("meta.json naming a file elsewhere", lambda out: rewrite_meta(out, splits={"train": {"shards": [
+        {name: {"file": "../x.npy", "shape": [1], "dtype": "uint8"} for name in prepare_data.ARRAY_ROLES}]}}),
+     ["meta.json names ../x.npy"]),
+]
+
+
+def rewrite_meta(out, **changes):
+    meta = json.load(open(out / "meta.json"))
+    (out / "meta.json").write_text(json.dumps({**meta, **changes}))
+
+
+@pytest.mark.parametrize("what, damage, words", DAMAGES, ids=[case[0] for case in DAMAGES])
+def test_a_damaged_out_is_not_found_complete(what, damage, words, tmp_path, minilm_dir, capsys):
+    """train_bert.py calls such an OUT incomplete and says to run prepare_data.py again: it must not be "complete"."""
+    text = tmp_path / "ok.txt"
+    text.write_text("\n".join(DOCS) + "\n")
+    out = tmp_path / "out"
+    args = ["--input", text, "--tokenizer", os.path.join(minilm_dir, "vocab.txt"), "--val-fraction", "0.1",
+            "--workers", "1", "--out", out]
+    prepare_data.main([str(a) for a in args])
+    damage(out)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    code, lines = main_error_lines(args, capsys)
+    assert code == 2 and len(lines) == 1, lines
+    for word in [f"error: {out}", *words, "delete it and run the same command again"]:
+        assert word in lines[0], lines[0]
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before, "the damaged OUT was changed"
+    assert not os.path.exists(str(out) + ".partial") and not os.path.exists(str(out) + ".lock")
 
 
 def test_an_input_changed_since_out_was_made_is_noticed(tmp_path, minilm_dir, capsys):
@@ -647,7 +812,7 @@ def test_one_writer_per_output_folder(tmp_path, minilm_dir, wikitext_raw):
 
 
 def test_a_killed_run_leaves_no_lock_held(tmp_path, minilm_dir, wikitext_raw):
-    """kill -9 leaves the workers behind, waiting forever; they must not keep OUT.lock locked."""
+    """kill -9 of the main process takes its workers with it (Linux), and nothing keeps OUT.lock locked."""
     out = tmp_path / "out"
     args = [sys.executable, PREPARE, "--input", wikitext_raw, "--input", wikitext_raw, "--input", wikitext_raw,
             "--tokenizer", os.path.join(minilm_dir, "vocab.txt"), "--workers", "2", "--out", str(out)]
@@ -663,6 +828,10 @@ def test_a_killed_run_leaves_no_lock_held(tmp_path, minilm_dir, wikitext_raw):
             time.sleep(0.01)
         first.kill()
         first.wait()
+        deadline = time.time() + 5
+        while live_processes_with(str(out)) and time.time() < deadline:
+            time.sleep(0.05)
+        assert live_processes_with(str(out)) == [], "workers outlived their killed main process"
         assert os.path.exists(str(out) + ".lock")  # left behind, but no longer locked
         result = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=120)
         assert result.returncode == 0 and "removing" in result.stderr, result.stderr
@@ -681,7 +850,7 @@ def test_full_disk_in_any_form_leaves_nothing(tmp_path, minilm_dir, monkeypatch,
     text = tmp_path / "ok.txt"
     text.write_text("\n".join(DOCS) + "\n")
     for error in (OSError("8192 requested and 0 written"), OSError(errno.ENOSPC, "No space left on device"),
-                  OSError(errno.EDQUOT, "Disk quota exceeded")):
+                  OSError(errno.EDQUOT, "Disk quota exceeded"), OSError(errno.EFBIG, "File too large")):
         def full_disk(path, array, *args, **kwargs):
             open(path, "wb").write(b"\x93NUMPY half a header")
             raise error
@@ -726,7 +895,10 @@ def test_hostile_paths_get_one_line_and_touch_nothing(tmp_path, minilm_dir, caps
     (tmp_path / "hidden" / ".secret.txt").write_text("not read")
     for flags, words in [
         (["--input", text, "--out", a_file], ["notes.txt exists and is not a prepare_data.py output folder"]),
-        (["--input", text, "--out", a_file / "inside"], ["notes.txt"]),
+        (["--input", text, "--out", a_file / "inside"], ["notes.txt", "which is a file, not a folder"]),
+        (["--input", text, "--out", a_file / "inside" / "deeper"], [f"inside {a_file}, which is a file"]),
+        (["--input", text, "--out", text], ["is the output folder itself"]),
+        (["--input", tmp_path, "--out", tmp_path], ["is the output folder itself"]),
         (["--input", text, "--out", tmp_path / "mine"], ["mine.lock exists and is not a prepare_data.py lock file"]),
         (["--input", tmp_path / "hidden", "--out", tmp_path / "o"], ["matches no file"]),
         (["--input", "/dev/zero", "--out", tmp_path / "o"], ["matches no file"]),
