@@ -16,6 +16,8 @@ import contextlib
 import copy
 import dataclasses
 import fcntl
+import glob
+import hashlib
 import json
 import math
 import os
@@ -226,6 +228,12 @@ def read_task(cfg, task):
         data["train"] = {key: None if values is None else values[:cfg.max_train_examples]
                          for key, values in data["train"].items()}
     return data
+
+
+def data_sha256(data):
+    """A fingerprint of a task's data as read (every split's texts, labels and ids): the runs of one
+    --out are all made on the same data, wherever it came from."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def hub_offline():
@@ -525,6 +533,11 @@ def fine_tune(cfg, task, train, encoder, pooler_state, lr, batch_size, epochs, s
 # there already, replace the file. On a shared filesystem: Linux turns flock on NFSv4 into byte-range
 # locks that every client sees, so processes on several machines can share a sweep; a filesystem
 # without locks refuses flock, and the process stops with one line.
+#
+# What one --out holds is one comparison: runs of one checkpoint (by its weights' hash), one recipe
+# (settings) and, per task, one data (by the hash of what was read). With --from-mnli, RTE, MRPC and
+# STS-B wait for MNLI runs in progress, then start from the best recorded MNLI run; should MNLI runs
+# recorded later change that choice, their earlier runs are stale: left out of the reports and run again.
 
 def settings(cfg, origin):
     """What makes runs comparable: one output folder holds runs made with one set of these. The
@@ -532,7 +545,7 @@ def settings(cfg, origin):
     return dict(checkpoint=origin["file"], checkpoint_step=origin["step"], checkpoint_sha256=origin["weights_sha256"],
                 max_train_examples=cfg.max_train_examples, from_mnli=cfg.from_mnli, max_seq_len=cfg.max_seq_len,
                 warmup_fraction=cfg.warmup_fraction, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-                head_dropout=cfg.head_dropout)
+                head_dropout=cfg.head_dropout, data_sha256={})  # {task: data_sha256 of its data}, as runs are recorded
 
 
 def checkpoint_identity(settings):
@@ -551,6 +564,9 @@ def results_problem(results):
     if not isinstance(results, dict) or not isinstance(results.get("settings"), dict) \
             or not isinstance(results.get("runs"), list):
         return "does not hold the settings and runs of a finetune_glue.py sweep"
+    hashes = results["settings"].setdefault("data_sha256", {})  # absent in a sweep of an earlier version
+    if not isinstance(hashes, dict) or not all(isinstance(value, str) for value in hashes.values()):
+        return "has settings whose data_sha256 is not a {task: hash} table"
     for number, run in enumerate(results["runs"], start=1):
         invalid = [key for key, kind in RUN_FIELDS.items()
                    if not isinstance(run, dict) or not isinstance(run.get(key), kind)]
@@ -583,23 +599,53 @@ def read_results(cfg, origin):
     if [theirs.get(name) for name in identity] != [ours[name] for name in identity]:
         fail(f"{cfg.out} holds runs made from another checkpoint ({checkpoint_identity(theirs)}) than {cfg.checkpoint} "
              f"({checkpoint_identity(ours)}); use a new --out for this one.")
-    differing = [name for name, value in ours.items() if name != "checkpoint" and theirs.get(name) != value]
+    differing = [name for name, value in ours.items() if name not in ("checkpoint", "data_sha256")
+                 and theirs.get(name) != value]
     if differing:
         fail(f"{cfg.out} holds runs made with another {differing[0].replace('_', ' ')}; pass a new --out.")
     return results
 
 
 def save_results(cfg, results):
-    """Replaces results.json at once (a temporary file, then a rename), so that no reader and no crash ever
-    sees half a file. allow_nan=False: the last guard against a non-finite score."""
-    path = os.path.join(cfg.out, "results.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1, allow_nan=False)
-    os.replace(path + ".tmp", path)
+    """Replaces results.json at once. allow_nan=False: the last guard against a non-finite score."""
+    replace_file(os.path.join(cfg.out, "results.json"), lambda f: json.dump(results, f, indent=1, allow_nan=False))
+
+
+def replace_file(path, write):
+    """Writes a file beside its place (PATH.tmp) with write(f), then renames it into place, so that no
+    reader and no crash ever sees half a file. A full disk stops the sweep with one line, no .tmp left."""
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            write(f)
+        os.replace(path + ".tmp", path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        write_failed(path, error)
+
+
+def write_failed(path, error):
+    fail(f"cannot write {path} ({getattr(error, 'strerror', None) or error}); free some disk space (or make it "
+         "writable) and run the same command again: every run recorded so far is kept.")
+
+
+def remove_path(path):
+    """Removes a file or a folder, whichever is there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def run_slot(run):
+    """The place of a run in its task's grid."""
+    return run["task"], run["lr"], run["batch_size"], run["epochs"], run["seed"]
 
 
 def run_key(run):
-    return run["task"], run["lr"], run["batch_size"], run["epochs"], run["seed"]
+    """A run, by its place in the grid and its start: with --from-mnli, a run of RTE, MRPC or STS-B that
+    started from an MNLI run other than the one chosen now is another run (stale: it runs again)."""
+    return (*run_slot(run), run["init"])
 
 
 def lock_failed(path, error):
@@ -613,6 +659,8 @@ def results_lock(cfg):
     which takes the time of a read-merge-write: milliseconds. (Hidden: deleting a lock file that a
     process holds would let a second writer in.)"""
     path = os.path.join(cfg.out, ".results.lock")
+    if os.path.isdir(path):
+        fail(f"{path} is a folder, where the sweep's lock file belongs; remove it and run again.")
     try:
         lock_file = open(path, "a")
         fcntl.flock(lock_file, fcntl.LOCK_EX)
@@ -625,6 +673,8 @@ def results_lock(cfg):
 def claim(path):
     """The open claim file of a run, holding a non-blocking exclusive flock, or None when another live
     process holds it. The claim lasts until the file is closed or this process ends."""
+    if os.path.isdir(path):
+        fail(f"{path} is a folder, where a run's claim file belongs; remove it and run again.")
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         claim_file = open(path, "a+")
@@ -637,10 +687,25 @@ def claim(path):
         return None
     except OSError as error:
         lock_failed(path, error)
-    claim_file.truncate(0)
-    claim_file.write(worker() + "\n")  # who holds it, for the messages of processes that wait for it
-    claim_file.flush()
+    try:
+        claim_file.truncate(0)
+        claim_file.write(worker() + "\n")  # who holds it, for the messages of processes that wait for it
+        claim_file.flush()
+    except OSError as error:
+        write_failed(path, error)
     return claim_file
+
+
+def claim_is_held(path):
+    """Whether a live process holds the claim file at path (it is taken for a moment to find out)."""
+    try:
+        with open(path) as claim_file:
+            fcntl.flock(claim_file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no such file: nobody holds it
+        return False
+    return False
 
 
 def claim_holder(path):
@@ -652,21 +717,46 @@ def claim_holder(path):
         return "another process"
 
 
-def record_run(cfg, origin, record, staging_dir):
+def record_run(cfg, origin, record, staging_dir, digest):
     """Under the results lock: adds a finished run to results.json, unless a process that ran it too has
-    recorded it already, moves its files from staging_dir into its run folder, and rebuilds results.md and
-    submission/. Returns whether the run was added."""
-    with results_lock(cfg):
-        results = read_results(cfg, origin)
-        added = run_key(record) not in {run_key(run) for run in results["runs"]}
-        if added:
-            for name in os.listdir(staging_dir):
-                os.replace(os.path.join(staging_dir, name), os.path.join(cfg.out, record["run_dir"], name))
-            results["runs"].append(record)
-            save_results(cfg, results)
-            write_reports(cfg, results)
-    shutil.rmtree(staging_dir, ignore_errors=True)
+    recorded it already (a stale run of its place in the grid goes), moves its files from staging_dir
+    into its run folder, and rebuilds results.md and submission/. Returns whether the run was added."""
+    try:
+        with results_lock(cfg):
+            results = read_results(cfg, origin)
+            check_data(cfg, record["task"], results, digest)  # another process may have recorded other data
+            added = run_key(record) not in {run_key(run) for run in results["runs"]}
+            if added:
+                results["settings"]["data_sha256"][record["task"]] = digest
+                results["runs"] = [run for run in results["runs"] if run_slot(run) != run_slot(record)] + [record]
+                save_results(cfg, results)  # first: the run folder only ever holds a recorded run's files
+                for name in os.listdir(staging_dir):
+                    os.replace(os.path.join(staging_dir, name), os.path.join(cfg.out, record["run_dir"], name))
+                write_reports(cfg, results)
+    finally:  # also when the sweep stops here: no half-written files left behind
+        shutil.rmtree(staging_dir, ignore_errors=True)
     return added
+
+
+def check_data(cfg, task, results, digest):
+    """Stops the sweep when --out holds runs of this task made on other data than the data read now."""
+    recorded = results["settings"]["data_sha256"].get(task)
+    if recorded not in (None, digest):
+        fail(f"{cfg.out} holds {task} runs made on other data (sha256 {recorded[:12]}..., the data read now has "
+             f"{digest[:12]}...): GLUE's files changed, or another --glue-dir or --max-train-examples; pass the data "
+             "of those runs, or a new --out.")
+
+
+def current_runs(results, task):
+    """A task's recorded runs that count. With --from-mnli, those of RTE, MRPC and STS-B that started from
+    the MNLI run chosen now: MNLI runs recorded since may have changed the choice, and the runs from an
+    earlier choice are stale (the next sweep runs them again)."""
+    runs = [run for run in results["runs"] if run["task"] == task]
+    if results["settings"].get("from_mnli") and task in FROM_MNLI_TASKS:
+        mnli_runs = [run for run in results["runs"] if run["task"] == "mnli"]
+        chosen = f"mnli:{choose(mnli_runs)[0]['run_dir']}" if mnli_runs else None
+        runs = [run for run in runs if run["init"] == chosen]
+    return runs
 
 
 def median_run(runs):
@@ -702,7 +792,10 @@ def write_reports(cfg, results):
     """OUT/results.md and OUT/submission/ from every run recorded so far. Each file is written beside its
     place and renamed into it, so that none is ever left half-written."""
     submission_dir = os.path.join(cfg.out, "submission")
-    os.makedirs(submission_dir, exist_ok=True)
+    try:
+        os.makedirs(submission_dir, exist_ok=True)
+    except OSError as error:
+        write_failed(submission_dir, error)
     lines = ["# GLUE dev results", "",
              f"Checkpoint `{results['settings']['checkpoint']}` ({checkpoint_identity(results['settings'])}). "
              "Per task: the configuration whose median dev score over seeds is best, and the metrics of its "
@@ -712,7 +805,7 @@ def write_reports(cfg, results):
              "|---|---|---|---|---|---|---|---|---|"]
     scores = []
     for task in TASKS:
-        runs = [run for run in results["runs"] if run["task"] == task]
+        runs = current_runs(results, task)
         if not runs:
             continue
         run, seeds = choose(runs)
@@ -720,8 +813,8 @@ def write_reports(cfg, results):
         for file_name in TASKS[task]["test_files"].values():
             source, target = os.path.join(cfg.out, run["run_dir"], file_name), os.path.join(submission_dir, file_name)
             if os.path.exists(source):
-                shutil.copyfile(source, target + ".tmp")
-                os.replace(target + ".tmp", target)
+                with open(source, encoding="utf-8") as predictions:
+                    replace_file(target, lambda f: shutil.copyfileobj(predictions, f))
         init = " (from MNLI)" if run["init"] != "pretrained" else ""
         spread = " / ".join(f"{score:.1f}" for score in seed_spread(runs, run))
         lines.append(f"| {TASKS[task]['folder']} | {' / '.join(run['metrics'])} "
@@ -738,10 +831,7 @@ def write_reports(cfg, results):
               "The reference figures are GLUE test-server scores (MRPC and QQP F1, STS-B Pearson): BERT-base "
               "from Devlin et al. (2019) Table 1, 24hBERT as Papers with Code lists the paper's results; "
               "they are for orientation only, dev and test sets differ.", ""]
-    path = os.path.join(cfg.out, "results.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines))
-    os.replace(path + ".tmp", path)
+    replace_file(os.path.join(cfg.out, "results.md"), lambda f: f.write("\n".join(lines)))
 
 
 def write_predictions(path, task, index, outputs):
@@ -754,15 +844,37 @@ def write_predictions(path, task, index, outputs):
             f.write(f"{row_index}\t{prediction}\n")
 
 
-def start_model(cfg, task, origin, encoder, pooler_state):
-    """(encoder, pooler weights, name) a task starts from: the pretrained ones, or with --from-mnli
-    for RTE, MRPC and STS-B, those of the chosen MNLI run."""
+def start_of(cfg, task, origin):
+    """What a task's runs start from: "pretrained", or with --from-mnli for RTE, MRPC and STS-B
+    "mnli:RUN_DIR", the MNLI run chosen over every recorded one, once no other process runs one."""
     if not (cfg.from_mnli and task in FROM_MNLI_TASKS):
-        return encoder, pooler_state, "pretrained"
-    mnli_runs = [run for run in read_results(cfg, origin)["runs"] if run["task"] == "mnli"]
+        return "pretrained"
+    waiting_for = None
+    while True:
+        results = read_results(cfg, origin)
+        recorded = {run["run_dir"] for run in results["runs"]}
+        running = sorted(claim_holder(os.path.join(folder, ".claim"))
+                         for folder in glob.glob(os.path.join(cfg.out, "runs", "mnli", "*"))
+                         if os.path.relpath(folder, cfg.out) not in recorded
+                         and claim_is_held(os.path.join(folder, ".claim")))
+        if not running:
+            break
+        if running != waiting_for:
+            print(f"{task}: waiting for {len(running)} MNLI runs of {', '.join(sorted(set(running)))}: {task} starts "
+                  "from the best run of the complete MNLI grid", flush=True)
+            waiting_for = running
+        time.sleep(POLL_SECONDS)
+    mnli_runs = [run for run in results["runs"] if run["task"] == "mnli"]
     if not mnli_runs:
         fail(f"--from-mnli needs finished MNLI runs in {cfg.out} before {task}; add mnli to --task.")
-    run_dir = choose(mnli_runs)[0]["run_dir"]
+    return f"mnli:{choose(mnli_runs)[0]['run_dir']}"
+
+
+def start_model(cfg, init, encoder, pooler_state):
+    """(encoder, pooler weights) of a start (see start_of): the pretrained ones, or the MNLI run's."""
+    if init == "pretrained":
+        return encoder, pooler_state
+    run_dir = init.removeprefix("mnli:")
     path = os.path.join(cfg.out, run_dir, "model.pt")
     redo = (f"delete {os.path.join(cfg.out, 'runs', 'mnli')} and its runs in results.json, "
             "then run mnli again with --from-mnli.")
@@ -776,15 +888,16 @@ def start_model(cfg, task, origin, encoder, pooler_state):
         nn.Linear(hidden_size, hidden_size).load_state_dict(state["pooler"])  # the shapes GlueModel needs
     except Exception as error:  # pickle, zip, IO, missing keys, wrong shapes: the user's fix is the same
         fail(f"{path} cannot be read or does not fit the encoder of {cfg.checkpoint} ({type(error).__name__}); {redo}")
-    return encoder, state["pooler"], f"mnli:{run_dir}"
+    return encoder, state["pooler"]
 
 
 def run_folder(task, lr, batch_size, epochs, seed):
-    """A run's folder in OUT: its claim, its test-set predictions and (MNLI, with --from-mnli) its model."""
-    return os.path.join("runs", task, f"lr{lr:g}-batch{batch_size}-epochs{epochs}-seed{seed}")
+    """A run's folder in OUT: its claim, its test-set predictions and (MNLI, with --from-mnli) its model.
+    repr: the shortest text that is this learning rate, so that two learning rates never share a folder."""
+    return os.path.join("runs", task, f"lr{lr!r}-batch{batch_size}-epochs{epochs}-seed{seed}")
 
 
-def run_one(cfg, task, run, data, tokens, start, origin, device):
+def run_one(cfg, task, run, data, digest, tokens, start, origin, device):
     """Claims one run of the grid, fine-tunes and scores it, and records it. Returns False, having done
     nothing, when another process holds its claim or has recorded it meanwhile."""
     lr, batch_size, epochs, seed = run
@@ -792,10 +905,10 @@ def run_one(cfg, task, run, data, tokens, start, origin, device):
     claim_file = claim(os.path.join(cfg.out, run_dir, ".claim"))
     if claim_file is None:
         return False
+    encoder, pooler_state, init = start
     with claim_file:  # closing it frees the claim, after the run is recorded
-        if (task, *run) in {run_key(other) for other in read_results(cfg, origin)["runs"]}:
+        if (task, *run, init) in {run_key(other) for other in read_results(cfg, origin)["runs"]}:
             return False  # recorded by its previous holder since this process looked
-        encoder, pooler_state, init = start
         label = f"{task} lr={lr:g} batch={batch_size} epochs={epochs} seed={seed}"
         model, train_seconds, skipped_steps = fine_tune(cfg, task, tokens["train"], encoder, pooler_state,
                                                         lr, batch_size, epochs, seed, device, label)
@@ -813,21 +926,25 @@ def run_one(cfg, task, run, data, tokens, start, origin, device):
         metrics = dev_metrics(task, predictions, data)
         # The run's files go to a staging folder first: the run folder only ever holds a recorded run's files.
         staging_dir = os.path.join(cfg.out, run_dir, ".staging")
-        shutil.rmtree(staging_dir, ignore_errors=True)  # a dead holder's, if any
-        os.makedirs(staging_dir)
-        for split, file_name in TASKS[task]["test_files"].items():
-            if split in data:
-                write_predictions(os.path.join(staging_dir, file_name), task, data[split]["index"], outputs[split])
-        if cfg.from_mnli and task == "mnli":  # the start of RTE, MRPC and STS-B, should this run be chosen
-            torch.save(dict(encoder=model.encoder.state_dict(), pooler=model.pooler.state_dict()),
-                       os.path.join(staging_dir, "model.pt"))
+        try:
+            remove_path(staging_dir)  # a dead holder's, if any
+            os.makedirs(staging_dir)
+            for split, file_name in TASKS[task]["test_files"].items():
+                if split in data:
+                    write_predictions(os.path.join(staging_dir, file_name), task, data[split]["index"], outputs[split])
+            if cfg.from_mnli and task == "mnli":  # the start of RTE, MRPC and STS-B, should this run be chosen
+                torch.save(dict(encoder=model.encoder.state_dict(), pooler=model.pooler.state_dict()),
+                           os.path.join(staging_dir, "model.pt"))
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+            shutil.rmtree(staging_dir, ignore_errors=True)
+            write_failed(staging_dir, error)
         examples_per_s = epochs * len(tokens["train"]["lengths"]) / train_seconds
         record = dict(task=task, lr=lr, batch_size=batch_size, epochs=epochs, seed=seed, init=init, metrics=metrics,
                       score=task_score(metrics), skipped_steps=skipped_steps, train_seconds=round(train_seconds, 3),
                       examples_per_s=round(examples_per_s, 1), run_dir=run_dir, checkpoint_step=origin["step"],
                       checkpoint_sha256=origin["weights_sha256"], worker=worker(),
                       finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        if not record_run(cfg, origin, record, staging_dir):
+        if not record_run(cfg, origin, record, staging_dir, digest):
             print(f"{label}: recorded meanwhile by another process; this process's result is dropped", flush=True)
             return True
     skipped = f", {skipped_steps} non-finite steps skipped" if skipped_steps else ""
@@ -843,22 +960,30 @@ def sweep_task(cfg, task, data, tokenizer, encoder, pooler_state, origin, device
     grid = [(lr, batch_size, epochs, seed) for lr in cfg.learning_rates for batch_size in cfg.batch_sizes
             for epochs in cfg.epochs for seed in range(cfg.seeds)]
 
+    digest = data_sha256(data)
+    check_data(cfg, task, read_results(cfg, origin), digest)
+    init = start_of(cfg, task, origin)
+
     def unrecorded():
         recorded = {run_key(run) for run in read_results(cfg, origin)["runs"]}
-        return [run for run in grid if (task, *run) not in recorded]
+        return [run for run in grid if (task, *run, init) not in recorded]
 
     todo = unrecorded()
-    print(f"{task}: {len(grid) - len(todo)} of {len(grid)} runs already recorded, {len(todo)} to go", flush=True)
+    stale = [run for run in read_results(cfg, origin)["runs"]
+             if run["task"] == task and run_slot(run)[1:] in set(todo) and run["init"] != init]
+    print(f"{task}: {len(grid) - len(todo)} of {len(grid)} runs already recorded, {len(todo)} to go"
+          + (f" ({len(stale)} of them started from another MNLI run than the one chosen now, "
+             f"{init.removeprefix('mnli:')}: they run again)" if stale else ""), flush=True)
     if not todo:
         return
-    start = start_model(cfg, task, origin, encoder, pooler_state)
+    start = (*start_model(cfg, init, encoder, pooler_state), init)
     tokens = {split: tokenize(tokenizer, split_data) for split, split_data in data.items()}
     wait_for_all = cfg.from_mnli and task == "mnli" and any(other in cfg.tasks for other in FROM_MNLI_TASKS)
     waiting_for = None
     while todo:
         ran_any = False
         for run in todo:
-            ran_any = run_one(cfg, task, run, data, tokens, start, origin, device) or ran_any
+            ran_any = run_one(cfg, task, run, data, digest, tokens, start, origin, device) or ran_any
         todo = unrecorded()
         if ran_any or not todo:
             continue  # look again: a run that another process held may be free now
@@ -950,8 +1075,10 @@ def main(argv=None):
     try:
         sweep(cfg)
     except KeyboardInterrupt:
-        fail(f"interrupted; the finished runs are in {os.path.join(cfg.out, 'results.json')}; "
-             "run the same command to go on.")
+        results = os.path.join(cfg.out, "results.json")
+        if not os.path.isfile(results):
+            fail("interrupted before any run was recorded; run the same command to start again.")
+        fail(f"interrupted; the finished runs are in {results}; run the same command to go on.")
 
 
 def sweep(cfg):

@@ -43,6 +43,7 @@ import fcntl
 import glob
 import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -936,29 +937,8 @@ def resume(cfg, model, optimizer, scaler, model_config, data_sha256, rank, world
     continues this run: the same model, data (by hash), batch, optimizer and seed. States every other
     flag that differs and what that does to the learning rate. Returns the run state to continue from."""
     file, newer = on_rank0(rank, world_size, lambda: find_resume_checkpoint(cfg))
-    try:
-        checkpoint = read_checkpoint(file)
-    except ValueError as error:
-        fail(f"cannot resume: {error}")
-    if not checkpoint.get("state") or not isinstance(checkpoint.get("optimizer"), dict):
-        fail(f"cannot resume: {file} holds weights to fine-tune, but no run state or optimizer to continue from")
-    problem = optimizer_state_problem(checkpoint["optimizer"], len(optimizer_params(optimizer)), checkpoint["state"])
-    if problem:
-        fail(f"cannot resume: {file} holds {problem}; resume an earlier checkpoint")
-    if checkpoint["model_config"] != dataclasses.asdict(model_config):
-        differences = ", ".join(f"{k} {v} (now {getattr(model_config, k)})" for k, v in
-                                checkpoint["model_config"].items() if v != getattr(model_config, k, None))
-        fail(f"cannot resume: {file} holds a different model ({differences}); pass the same --model and "
-             f"model flags, or start a new run in another --out")
+    checkpoint = checked_resume_checkpoint(cfg, file, model_config, data_sha256, optimizer)
     old = checkpoint.get("train_config") or {}
-    for name, why in RESUME_MUST_MATCH.items():
-        if old.get(name) != getattr(cfg, name):
-            flag = "--" + name.replace("_", "-")
-            fail(f"cannot resume: {file} was trained with {flag} {old.get(name)}; pass the same {flag} ({why})")
-    if checkpoint.get("data_sha256", data_sha256) != data_sha256:
-        fail(f"cannot resume: {file} was trained on other data (its meta.json had sha256 "
-             f"{checkpoint['data_sha256'][:12]}..., {cfg.data}/meta.json has {data_sha256[:12]}...); pass the --data "
-             f"it was trained on (a copy of that folder is fine)")
     try:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -992,6 +972,36 @@ def resume(cfg, model, optimizer, scaler, model_config, data_sha256, rank, world
     return state
 
 
+def checked_resume_checkpoint(cfg, file, model_config, data_sha256, optimizer):
+    """The checkpoint `file`, read, after checking that it can continue this run: a run state and optimizer
+    moments that can be used, the same model, data (by hash), batch, optimizer and seed. Writes nothing,
+    so that --plan can ask it too."""
+    try:
+        checkpoint = read_checkpoint(file)
+    except ValueError as error:
+        fail(f"cannot resume: {error}")
+    if not checkpoint.get("state") or not isinstance(checkpoint.get("optimizer"), dict):
+        fail(f"cannot resume: {file} holds weights to fine-tune, but no run state or optimizer to continue from")
+    problem = optimizer_state_problem(checkpoint["optimizer"], len(optimizer_params(optimizer)), checkpoint["state"])
+    if problem:
+        fail(f"cannot resume: {file} holds {problem}; resume an earlier checkpoint")
+    if checkpoint["model_config"] != dataclasses.asdict(model_config):
+        differences = ", ".join(f"{k} {v} (now {getattr(model_config, k)})" for k, v in
+                                checkpoint["model_config"].items() if v != getattr(model_config, k, None))
+        fail(f"cannot resume: {file} holds a different model ({differences}); pass the same --model and "
+             f"model flags, or start a new run in another --out")
+    old = checkpoint.get("train_config") or {}
+    for name, why in RESUME_MUST_MATCH.items():
+        if old.get(name) != getattr(cfg, name):
+            flag = "--" + name.replace("_", "-")
+            fail(f"cannot resume: {file} was trained with {flag} {old.get(name)}; pass the same {flag} ({why})")
+    if checkpoint.get("data_sha256", data_sha256) != data_sha256:
+        fail(f"cannot resume: {file} was trained on other data (its meta.json had sha256 "
+             f"{checkpoint['data_sha256'][:12]}..., {cfg.data}/meta.json has {data_sha256[:12]}...); pass the --data "
+             f"it was trained on (a copy of that folder is fine)")
+    return checkpoint
+
+
 def optimizer_state_problem(saved, tensors, state):
     """What makes a saved optimizer state unusable, in words, or None: moments for only some of the
     weight tensors (or none, after steps were taken), or numbers that are not finite, which would reach
@@ -1019,19 +1029,19 @@ def init_from(cfg, model, optimizer, model_config, tokenizer_json, rank):
     """Starts this run from another run's weights (--init-from), for a second phase: new data, length,
     batch, optimizer, precision and schedule; the data position and the clock start afresh. Only the
     positions may differ from the old model (resize_positions). With --init-optimizer the optimizer's
-    moments come too (GluonNLP's phase 2 does so), zero for new position rows. Returns the origin."""
+    moments come too (GluonNLP's phase 2 does so), zero for new position rows. Writes nothing."""
     try:
         file, checkpoint, _ = load_checkpoint(cfg.init_from)
     except ValueError as error:
         fail(f"cannot start from --init-from: {error}")
+    if checkpoint_tokenizer(checkpoint).to_str() != Tokenizer.from_str(tokenizer_json).to_str():
+        fail(f"--init-from {file} was trained with another tokenizer than {cfg.data}'s; prepare the data with "
+             f"--tokenizer and the tokenizer.json of the data it was trained on")
     differences = ", ".join(f"{k} {v} (now {getattr(model_config, k)})" for k, v in checkpoint["model_config"].items()
                             if k != "max_positions" and v != getattr(model_config, k, None))
     if differences:
         fail(f"--init-from {file} holds a different model ({differences}); pass its --model and model flags "
              f"(only the sequence length may change)")
-    if checkpoint_tokenizer(checkpoint).to_str() != Tokenizer.from_str(tokenizer_json).to_str():
-        fail(f"--init-from {file} was trained with another tokenizer than {cfg.data}'s; prepare the data with "
-             f"--tokenizer and the tokenizer.json of the data it was trained on")
     weights = dict(checkpoint["model"])
     name = "encoder.position_embeddings.weight"
     old_rows = len(weights[name])
@@ -1043,12 +1053,18 @@ def init_from(cfg, model, optimizer, model_config, tokenizer_json, rank):
             fail(f"--init-optimizer needs a checkpoint of the same --optimizer {cfg.optimizer}; {file} has "
                  f"{(checkpoint.get('train_config') or {}).get('optimizer')}")
         state = checkpoint["optimizer"]
+        problem = optimizer_state_problem(state, len(optimizer_params(optimizer)), {"step": 1, "skipped_steps": 0})
+        if problem:
+            fail(f"--init-optimizer: {file} holds {problem}; leave out --init-optimizer, or start from another checkpoint")
         index = [id(p) for group in optimizer.param_groups for p in group["params"]].index(
             id(model.encoder.position_embeddings.weight))
         for key, value in state["state"].get(index, {}).items():
             if torch.is_tensor(value) and value.ndim == 2:  # exp_avg, exp_avg_sq: zero for rows never trained
                 state["state"][index][key] = resize_positions(value, model_config.max_positions, None)
-        optimizer.load_state_dict(state)
+        try:
+            optimizer.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as error:
+            fail(f"--init-optimizer: the optimizer state in {file} does not fit this model ({error.__class__.__name__})")
         moments = "carried over"
     step = (checkpoint.get("state") or {}).get("step")
     log(f"initialised from {file} (step {step}): {old_rows} -> {model_config.max_positions} positions; optimizer "
@@ -1286,12 +1302,19 @@ def export_hugging_face(source, folder):
     word embeddings, as in both models) and the checkpoint's own tokenizer. Written as FOLDER.partial,
     renamed when complete. Returns the Hugging Face architecture written."""
     from safetensors.torch import save_file
+    if not folder.strip():
+        raise ValueError("the folder to export to must be named, not empty")
+    if os.path.isdir(source) and os.path.isfile(os.path.join(source, "config.json")):
+        raise ValueError(f"{source} is a Hugging Face folder already; --export-hf takes a train_bert.py checkpoint")
     file, checkpoint, _ = load_checkpoint(source)
     config = BertConfig(**checkpoint["model_config"])
     layout = HF_LAYOUTS[config.pre_ln]
     tokenizer = checkpoint_tokenizer(checkpoint)
     special = {name: tokenizer.token_to_id(f"[{name.upper()}]") for name in ("cls", "sep", "pad", "mask", "unk")}
-    offset = position_offset(config.pre_ln, special["pad"] or 0)
+    missing = [f"[{name.upper()}]" for name in ("cls", "sep", "pad", "mask") if special[name] is None]
+    if missing:  # transformers needs them: RoBERTa numbers positions from [PAD], fine-tuning adds [CLS] and [SEP]
+        raise ValueError(f"the tokenizer of {file} has no {' '.join(missing)} token, which a Hugging Face MLM needs")
+    offset = position_offset(config.pre_ln, special["pad"])
     state = {}
     for name, tensor in checkpoint["model"].items():
         if name.startswith("encoder."):
@@ -1316,16 +1339,21 @@ def export_hugging_face(source, folder):
         raise ValueError(f"{folder} already exists; choose a new folder to export to")
     partial = folder.rstrip("/") + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    save_file({name: t.clone().contiguous() for name, t in state.items()}, os.path.join(partial, "model.safetensors"),
-              metadata={"format": "pt"})
-    for name, content in (("config.json", hf_config), ("tokenizer_config.json", tokenizer_config)):
-        with open(os.path.join(partial, name), "w") as f:
-            json.dump(content, f, indent=1)
-    tokenizer.save(os.path.join(partial, "tokenizer.json"))
-    if os.path.isdir(folder):
-        os.rmdir(folder)  # empty, checked above
-    os.rename(partial, folder)
+    try:
+        os.makedirs(partial)
+        save_file({name: t.clone().contiguous() for name, t in state.items()},
+                  os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
+        for name, content in (("config.json", hf_config), ("tokenizer_config.json", tokenizer_config)):
+            with open(os.path.join(partial, name), "w") as f:
+                json.dump(content, f, indent=1)
+        tokenizer.save(os.path.join(partial, "tokenizer.json"))
+        if os.path.isdir(folder):
+            os.rmdir(folder)  # empty, checked above
+        os.rename(partial, folder)
+    except Exception as error:  # a full disk: OSError, or safetensors' and tokenizers' own exception types
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ValueError(f"cannot write {folder} ({error.__class__.__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else 'write failed'}); is the disk full?")
     return layout["architecture"], file
 
 
@@ -1425,6 +1453,8 @@ def check_flags(cfg):
     """Every numeric flag finite and in its range, and a model shape that can work, before any work starts."""
     if not cfg.out.strip() or not cfg.data.strip():
         fail("--out and --data must name folders, not be empty")
+    if cfg.init_optimizer and not cfg.init_from:
+        fail("--init-optimizer carries the moments of --init-from's checkpoint; pass --init-from too")
     if os.path.realpath(cfg.out) == os.path.realpath(cfg.data):
         fail(f"--out {cfg.out} is the data folder; choose another folder for the checkpoints")
     for name, (allowed, words) in FLAG_RANGES.items():
@@ -1841,18 +1871,25 @@ def train(cfg):
     speed = dict(seq_len=seq_len, flops_per_step=flops_per_sequence(model_config, seq_len, meta["max_predictions"])
                  * cfg.batch, peak_flops=peak_flops(cfg, device))
     setup = describe_setup(cfg, model, optimizer_name, precision, world_size, micro_batches, powersgd, val_split)
+    if cfg.init_from and not cfg.resume:  # a second phase resumes its own checkpoints: --init-from only starts it
+        init_from(cfg, model, optimizer, model_config, tokenizer_json, rank)  # before anything is written
     if cfg.plan:  # measure, say what the budget buys, write nothing
+        done = dict(step=0, elapsed_s=0.0)
+        if cfg.resume:  # the plan is for the rest of the run
+            try:
+                file = load_checkpoint(cfg.resume)[0]
+            except ValueError as error:
+                fail(f"cannot resume: {error}")
+            done = checked_resume_checkpoint(cfg, file, model_config, data_sha256, optimizer)["state"]
         log("\n".join(setup), rank)
         return plan(cfg, train_model, optimizer, scaler, powersgd, splits, meta, device, precision, rank, world_size,
-                    speed)
+                    speed, done)
 
     # --- where to start: a fresh run, or exactly where a checkpoint left off
     on_rank0(rank, world_size, lambda: prepare_output(cfg))  # one writer per --out
     state = dict(step=0, epoch=0, step_in_epoch=0, sequences_seen=0, elapsed_s=0.0, skipped_steps=0)
-    if cfg.resume:  # a second phase resumes its own checkpoints: --init-from only starts it
+    if cfg.resume:
         state = resume(cfg, model, optimizer, scaler, model_config, data_sha256, rank, world_size, device)
-    elif cfg.init_from:
-        init_from(cfg, model, optimizer, model_config, tokenizer_json, rank)
     log("\n".join(setup), rank)
     elapsed_before_s = state["elapsed_s"]
 
@@ -1980,10 +2017,17 @@ BERT24H_SEQUENCES = 23_000 * 4096  # 24hBERT's run: about 23k steps of 4,096 seq
 PLAN_STEPS = 6  # measured optimizer steps, each of up to 4 micro-batches, after one to warm up
 
 
-def plan(cfg, train_model, optimizer, scaler, powersgd, splits, meta, device, precision, rank, world_size, speed):
+def plan(cfg, train_model, optimizer, scaler, powersgd, splits, meta, device, precision, rank, world_size, speed,
+         done):
     """--plan: times a few dozen real micro-batches on the real data and device, after a warm-up step,
-    then says what the budget buys at that speed. A micro-batch that does not fit in memory is halved
+    then says what the budget buys at that speed; with --resume, what the rest of it buys after `done`
+    (the step and elapsed seconds of the checkpoint). A micro-batch that does not fit in memory is halved
     until one does, and the plan says so. Writes nothing: no checkpoint, no --out."""
+    left_s = cfg.hours * 3600 - done["elapsed_s"]
+    if left_s <= 0 or (cfg.max_steps and done["step"] >= cfg.max_steps):
+        log(f"plan: the checkpoint is at step {done['step']} after {readable(done['elapsed_s'])}: the run has reached "
+            f"its end (--hours {cfg.hours:g}, --max-steps {cfg.max_steps}); raise them to train on", rank)
+        return
     micro_batch = cfg.micro_batch
     while True:
         try:
@@ -2002,11 +2046,15 @@ def plan(cfg, train_model, optimizer, scaler, powersgd, splits, meta, device, pr
     # what a run spends besides training: startup (measured), checkpoints (at 100 MB/s for the weights and
     # two moments) and validations (forward only: a third of a step per --batch of held-out sequences)
     startup_s = time.time() - PROCESS_START_S
-    checkpoints = cfg.hours * 60 / cfg.checkpoint_minutes + 1 if cfg.checkpoint_minutes else 1
-    validations = cfg.hours * 60 / cfg.val_minutes + 1 if cfg.val_minutes else 21
-    overhead_s = checkpoints * 12 * n_params / 100e6 + validations * splits["val"]["sequences"] / cfg.batch * step_s / 3
-    budget = plan_budget(cfg, step_s, startup_s + overhead_s, train_sequences, splits["train"]["duplicates"],
-                         meta["seq_len"], n_params)
+    checkpoint_s = 12 * n_params / 100e6
+    checkpoints = left_s / 60 / cfg.checkpoint_minutes + 1 if cfg.checkpoint_minutes else 1
+    validations = left_s / 60 / cfg.val_minutes + 1 if cfg.val_minutes else 21
+    overhead_s = checkpoints * checkpoint_s + validations * splits["val"]["sequences"] / cfg.batch * step_s / 3
+    # --checkpoint-minutes 0 writes one after every step: part of the step, not of the overhead
+    budget_step_s = step_s + (0 if cfg.checkpoint_minutes else checkpoint_s)
+    rest = dataclasses.replace(cfg, hours=left_s / 3600, max_steps=cfg.max_steps - done["step"] if cfg.max_steps else 0)
+    budget = plan_budget(rest, budget_step_s, startup_s + overhead_s, train_sequences, splits["train"]["duplicates"],
+                         meta["seq_len"], n_params, done["step"])
     sequences_per_s = cfg.batch / step_s
     mfu = f", MFU {speed['flops_per_step'] / step_s / speed['peak_flops']:.1%}" if speed["peak_flops"] else ""
     memory = f"{peak_bytes / 2**30:.1f} GiB"
@@ -2022,11 +2070,16 @@ def plan(cfg, train_model, optimizer, scaler, powersgd, splits, meta, device, pr
         f"speed: {readable(step_s)} per optimizer step of {cfg.batch:,} sequences ({cfg.batch // (world_size * micro_batch)} "
         f"micro-batches per process) = {sequences_per_s:,.1f} sequences/s, {sequences_per_s * meta['seq_len']:,.0f} "
         f"tokens/s{mfu}; peak memory {memory}",
-        f"budget: {readable(cfg.hours * 3600)}, of which about {readable(startup_s + overhead_s)} go to startup, "
-        f"checkpoints and validations",
-        f"it buys {budget['steps']:,} optimizer steps" + (f" (--max-steps {cfg.max_steps} would need "
-        f"{readable(cfg.max_steps * step_s)}: the deadline stops the run first)" if budget["deadline_first"] else
-        f" in {readable(budget['time_s'])}") + f": {amount(budget['sequences'])} sequences, {amount(budget['tokens'])} tokens",
+        f"budget: {readable(cfg.hours * 3600)}" + (f", resumed at step {done['step']:,} after "
+        f"{readable(done['elapsed_s'])}: {readable(left_s)} left" if done["step"] else "") + f", of which about "
+        f"{readable(startup_s + overhead_s)} go to startup, checkpoints and validations"
+        + ("" if cfg.checkpoint_minutes else f"; --checkpoint-minutes 0 adds a checkpoint of about "
+           f"{readable(checkpoint_s)} to every step"),
+        f"it buys {budget['steps']:,} {'more ' if done['step'] else ''}optimizer steps" + (f" (--max-steps "
+        f"{cfg.max_steps} would need {readable(rest.max_steps * budget_step_s)}{' more' if done['step'] else ''}: the deadline stops the run "
+        f"first)" if budget["deadline_first"] else
+        f" in {readable(budget['time_s'])}") + f"; the whole run: {amount(budget['sequences'])} sequences, "
+        f"{amount(budget['tokens'])} tokens",
         f"that is {budget['epochs']:.2f} epochs of the {train_sequences:,} prepared training sequences, so "
         f"{budget['maskings_used']} of the {splits['train']['duplicates']} maskings get used"
         + (" (each several times)" if budget["epochs"] > splits["train"]["duplicates"] else ""),
@@ -2071,14 +2124,14 @@ def measure_step(cfg, train_model, optimizer, scaler, powersgd, train_split, met
     return step_s, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts KiB
 
 
-def plan_budget(cfg, step_s, overhead_s, train_sequences, duplicates, seq_len, n_params):
+def plan_budget(cfg, step_s, overhead_s, train_sequences, duplicates, seq_len, n_params, steps_done=0):
     """What a budget buys at step_s seconds per optimizer step, once overhead_s (startup, checkpoints,
-    validations) is spent: steps (--max-steps at most), sequences, tokens, epochs over the prepared data,
-    the maskings that get used (epoch e uses masking e % duplicates), tokens per parameter, and the share
-    of 24hBERT's sequences."""
+    validations) is spent: steps (--max-steps at most), and for the whole run (steps_done before a resume
+    and these) sequences, tokens, epochs over the prepared data, the maskings that get used (epoch e uses
+    masking e % duplicates), tokens per parameter, and the share of 24hBERT's sequences."""
     steps_in_time = int(max(0.0, cfg.hours * 3600 - overhead_s) // step_s)
     steps = min(cfg.max_steps, steps_in_time) if cfg.max_steps else steps_in_time
-    sequences = steps * cfg.batch
+    sequences = (steps_done + steps) * cfg.batch
     epochs = sequences / train_sequences
     return dict(steps=steps, time_s=steps * step_s, deadline_first=bool(cfg.max_steps) and steps_in_time < cfg.max_steps,
                 sequences=sequences, tokens=sequences * seq_len, epochs=epochs,
@@ -2090,10 +2143,14 @@ def plan_budget(cfg, step_s, overhead_s, train_sequences, duplicates, seq_len, n
 # The picture of a run
 
 
+PLOTTED = ("loss", "val_loss", "lr", "tokens_per_s", "mfu", "elapsed_h")  # what the picture reads of a record
+
+
 def read_metrics(run):
     """(train records, validation records) of a run's metrics.jsonl, as the run now stands: a resume (a
     rollback, or a crash after the last checkpoint) drops the records of the steps it repeats. A line cut
-    short by a kill is skipped. Raises ValueError when the run has no metrics.jsonl."""
+    short by a kill is skipped, and a value that is not a finite number is read as missing. Raises
+    ValueError when the run has no metrics.jsonl."""
     path = os.path.join(run, "metrics.jsonl")
     if not os.path.isfile(path):
         raise ValueError(f"{run} has no metrics.jsonl; pass a run's --out folder")
@@ -2104,18 +2161,30 @@ def read_metrics(run):
                 entry = json.loads(line)
             except ValueError:
                 continue
-            if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
+            if not isinstance(entry, dict) or type(entry.get("step")) is not int:
                 continue
             if entry.get("kind") == "resume":
                 kept = [r for r in kept if r["step"] <= entry["step"]]
             elif entry.get("kind") in ("train", "val"):
-                kept.append(entry)
+                kept.append({"kind": entry["kind"], "step": entry["step"],
+                             **{key: finite_number(entry.get(key)) for key in PLOTTED}})
     return [r for r in kept if r["kind"] == "train"], [r for r in kept if r["kind"] == "val"]
+
+
+def finite_number(value):
+    """value as a float when it is a finite number (not a bool, not a string), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value) if math.isfinite(float(value)) else None
+    except OverflowError:  # an int beyond float
+        return None
 
 
 def plot_runs(runs, png):
     """Draws the training and validation loss, the learning rate, tokens/s and MFU of one or more runs
-    against the time they took into one PNG (written atomically). Returns None, or why it could not."""
+    against the time they took into one picture (written atomically; its format follows the name's
+    extension). Returns None, or why it could not."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # no screen needed
@@ -2123,15 +2192,16 @@ def plot_runs(runs, png):
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib)"
     histories = {run: read_metrics(run) for run in runs}
-    longest_h = max([r.get("elapsed_h") or 0 for train, val in histories.values() for r in train + val] + [0])
+    longest_h = max([r["elapsed_h"] or 0 for train, val in histories.values() for r in train + val] + [0])
     unit, per_hour = ("h", 1) if longest_h >= 2 else ("min", 60)
     figure, ((loss_axis, lr_axis), (speed_axis, mfu_axis)) = plt.subplots(2, 2, figsize=(12, 7.5))
-    for color, (run, (train, val)) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 9, histories.items()):
+    colors = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    for color, (run, (train, val)) in zip(colors, histories.items()):
         name = os.path.basename(os.path.normpath(run))
         hours_at_step = {r["step"]: r["elapsed_h"] for r in train}
 
         def series(records, key):
-            points = [((r.get("elapsed_h") or hours_at_step.get(r["step"])), r.get(key)) for r in records]
+            points = [(r["elapsed_h"] or hours_at_step.get(r["step"]), r[key]) for r in records]
             points = [(h * per_hour, y) for h, y in points if h is not None and y is not None]
             return [x for x, _ in points], [y for _, y in points]
 
@@ -2146,7 +2216,7 @@ def plot_runs(runs, png):
         axis.set_title(title)
         axis.set_xlabel(f"time ({unit})")
         axis.grid(alpha=0.3)
-        if axis.lines and any(line.get_xdata().size for line in axis.lines):
+        if axis.lines and any(line.get_xdata().size for line in axis.lines) and len(runs) <= 12:
             axis.legend(fontsize="small")
     if not any(line.get_xdata().size for line in mfu_axis.lines):
         mfu_axis.text(0.5, 0.5, "no MFU: the device's peak is unknown\n(--peak-tflops sets it)", ha="center",
@@ -2154,11 +2224,20 @@ def plot_runs(runs, png):
         mfu_axis.set_xticks([])
         mfu_axis.set_yticks([])
         mfu_axis.set_xlabel("")
-    figure.suptitle(", ".join(os.path.basename(os.path.normpath(run)) for run in runs))
+    names = [os.path.basename(os.path.normpath(run)) for run in runs]
+    figure.suptitle(", ".join(names) if len(names) <= 6 else f"{len(names)} runs: {', '.join(names[:5])}, ...")
     figure.tight_layout()
-    figure.savefig(png + ".tmp.png", dpi=100)
-    plt.close(figure)
-    os.replace(png + ".tmp.png", png)
+    root, extension = os.path.splitext(png)
+    temporary = root + ".tmp" + extension
+    try:
+        figure.savefig(temporary, dpi=100)
+        os.replace(temporary, png)
+    except (OSError, ValueError) as error:  # ValueError: an extension matplotlib cannot write
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        return str(error).splitlines()[0] if str(error) else error.__class__.__name__
+    finally:
+        plt.close(figure)
     return None
 
 
@@ -2208,6 +2287,12 @@ def parse_args(argv=None):
 def main(argv=None):
     cfg, commands = parse_args(argv)
     export = commands["export_hf"]
+    if commands["plot_file"] is not None and not commands["plot"]:
+        fail("--plot-file says where --plot draws; pass --plot RUN too")
+    if commands["plot"] and export:
+        fail("--plot and --export-hf are two commands; run them one at a time")
+    if commands["plot_file"] is not None and not commands["plot_file"].strip():
+        fail("--plot-file must name a file (for example runs-compared.png), not be empty")
     if commands["plot"]:
         runs = commands["plot"]
         png = commands["plot_file"] or (os.path.join(runs[0], "metrics.png") if len(runs) == 1 else "runs-compared.png")

@@ -1,5 +1,6 @@
 """Shared fixtures: the real third-party data beside the repo (../shared/data) and the real MiniLM BERT."""
 import os
+import re
 import subprocess
 import sys
 
@@ -44,3 +45,14 @@ def prepared_wikitext(tmp_path_factory, wikitext_raw, minilm_dir):
     run_script("prepare_data.py", "--input", wikitext_raw, "--tokenizer", os.path.join(minilm_dir, "vocab.txt"),
                "--val-fraction", "0.05", "--workers", "2", "--out", out)
     return str(out)
+
+
+def help_texts(help_output):
+    """{flag: its help text on one line} from the options that --help lists; "" for a flag without one."""
+    options = help_output.split("\noptions:\n")[1]
+    texts = {}
+    for entry in re.split(r"\n(?=  -)", options.rstrip()):
+        invocation, _, text = entry.strip().partition("  ")  # argparse puts two spaces or more before the help
+        flag = [word.rstrip(",") for word in invocation.split() if word.startswith("-")][-1]  # --help of -h, --help
+        texts[flag] = " ".join(text.split())
+    return texts

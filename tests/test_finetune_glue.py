@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA, run_script
+from conftest import REPO, SHARED_DATA, help_texts, run_script
 
 sys.path.insert(0, REPO)
 import finetune_glue  # noqa: E402
@@ -580,17 +580,6 @@ def test_command_line_mistakes_are_one_line_too(capsys):
         "the following arguments are required: --out; see --help.")
 
 
-def help_texts(help_output):
-    """{flag: its help text on one line} from the options that --help lists; "" for a flag without one."""
-    options = help_output.split("\noptions:\n")[1]
-    texts = {}
-    for entry in re.split(r"\n(?=  -)", options.rstrip()):
-        invocation, _, text = entry.strip().partition("  ")  # argparse puts two spaces or more before the help
-        flag = [word.rstrip(",") for word in invocation.split() if word.startswith("-")][-1]  # --help of -h, --help
-        texts[flag] = " ".join(text.split())
-    return texts
-
-
 def test_help_shows_a_text_and_the_default_of_every_flag(monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     help_output = run_script("finetune_glue.py", "--help").stdout
@@ -844,7 +833,7 @@ def start_sweep(*args):
 def recorded_runs(out):
     """results.json's runs by (task, lr, batch size, epochs, seed), after checking that none is there twice."""
     runs = json.loads((out / "results.json").read_text())["runs"]
-    keys = [finetune_glue.run_key(record) for record in runs]
+    keys = [finetune_glue.run_slot(record) for record in runs]
     assert len(keys) == len(set(keys)), keys
     return dict(zip(keys, runs))
 
@@ -1023,3 +1012,125 @@ def test_checkpoint_with_short_positions_truncates_to_them(tmp_path, tiny_checkp
                         "--out", str(tmp_path / "out"), "--lr", "1e-4", "--batch", "8", "--epochs", "1", "--seeds", "1"])
     runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
     assert len(runs) == 1 and set(runs[0]["metrics"]) == {"matched_accuracy", "mismatched_accuracy"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# sweeps that must not go silently wrong: other data, a changed MNLI choice, a full disk, odd leftovers
+
+def quick_mnli(glue, out, *more):
+    return ["--checkpoint", None, "--glue-dir", glue, "--out", out, "--task", "mnli", "--lr", "1e-4", "--batch", "8",
+            "--epochs", "1", "--seeds", "1", *more]
+
+
+def sweep_args(tiny_checkpoint, *args):
+    return [str(tiny_checkpoint if arg is None else arg) for arg in args]
+
+
+def test_runs_made_on_other_data_are_refused(tmp_path, capsys, tiny_checkpoint):
+    write_synthetic_glue(tmp_path / "glue", rows=30)
+    write_synthetic_glue(tmp_path / "other", rows=31)  # one row more: other data, the same file names
+    out = tmp_path / "out"
+    finetune_glue.main(sweep_args(tiny_checkpoint, *quick_mnli(tmp_path / "glue", out)))
+    digest = json.loads((out / "results.json").read_text())["settings"]["data_sha256"]["mnli"]
+    assert re.fullmatch("[0-9a-f]{64}", digest)
+    message = main_error(capsys, *sweep_args(tiny_checkpoint, *quick_mnli(tmp_path / "other", out, "--seeds", "2")))
+    assert message == (f"finetune_glue.py: error: {out} holds mnli runs made on other data (sha256 {digest[:12]}..., "
+                       f"the data read now has {message.split('now has ')[1][:12]}...): GLUE's files changed, or another "
+                       "--glue-dir or --max-train-examples; pass the data of those runs, or a new --out.")
+    assert len(recorded_runs(out)) == 1
+    finetune_glue.main(sweep_args(tiny_checkpoint, *quick_mnli(tmp_path / "glue", out, "--seeds", "2")))
+    assert "mnli: 1 of 2 runs already recorded, 1 to go" in capsys.readouterr().out  # the same data goes on
+
+
+def test_runs_from_an_mnli_run_no_longer_chosen_run_again(tmp_path, capsys, tiny_checkpoint, tiny_glue):
+    """MNLI runs recorded later can change which MNLI run is best: the RTE runs that started from the old
+    choice are stale, left out of results.md, and the next sweep runs them again from the new choice."""
+    out = tmp_path / "out"
+    args = sweep_args(tiny_checkpoint, "--checkpoint", None, "--glue-dir", tiny_glue, "--out", out, *SHARED_GRID[:-4],
+                      "--seeds", "1", "--max-train-examples", "32")
+    finetune_glue.main(args)
+    results = json.loads((out / "results.json").read_text())
+    mnli = [r for r in results["runs"] if r["task"] == "mnli"]
+    old, other = finetune_glue.choose(mnli)[0], next(r for r in mnli if r != finetune_glue.choose(mnli)[0])
+    assert {r["init"] for r in results["runs"] if r["task"] == "rte"} == {"mnli:" + old["run_dir"]}
+    other["metrics"] = {name: 99.0 for name in other["metrics"]}  # as if a better MNLI run had been recorded since
+    other["score"] = 99.0
+    (out / "results.json").write_text(json.dumps(results))
+    finetune_glue.write_reports(finetune_glue.Config(checkpoint="", tasks=(), out=str(out)), results)
+    assert "| RTE |" not in (out / "results.md").read_text()  # stale runs are no result
+    capsys.readouterr()
+    finetune_glue.main(args)
+    output = capsys.readouterr().out
+    assert f"rte: 0 of 2 runs already recorded, 2 to go (2 of them started from another MNLI run than the one chosen " \
+           f"now, {other['run_dir']}: they run again)" in output
+    rte = [r for r in json.loads((out / "results.json").read_text())["runs"] if r["task"] == "rte"]
+    assert len(rte) == 2 and {r["init"] for r in rte} == {"mnli:" + other["run_dir"]}  # replaced, not added
+    assert "| RTE |" in (out / "results.md").read_text()
+
+
+def test_rte_waits_for_an_mnli_run_in_progress_before_choosing(tmp_path, capsys, tiny_checkpoint, monkeypatch):
+    write_synthetic_glue(tmp_path / "glue", rows=30)
+    out = tmp_path / "out"
+    finetune_glue.main(sweep_args(tiny_checkpoint, *quick_mnli(tmp_path / "glue", out, "--from-mnli")))
+    cfg = finetune_glue.parse_args(sweep_args(tiny_checkpoint, *quick_mnli(tmp_path / "glue", out, "--from-mnli")))
+    origin = train_bert.load_pretrained(tiny_checkpoint)[3]
+    monkeypatch.setattr(finetune_glue, "POLL_SECONDS", 0.05)
+    claim_file = hold_claim(out, "mnli", 3e-4, 8, 1, 0)  # another process is running a second MNLI run
+    threading.Timer(1.0, claim_file.close).start()
+    capsys.readouterr()
+    started = time.time()
+    assert finetune_glue.start_of(cfg, "rte", origin) == "mnli:" + finetune_glue.run_folder("mnli", 1e-4, 8, 1, 0)
+    assert time.time() - started >= 0.9
+    assert capsys.readouterr().out == ("rte: waiting for 1 MNLI runs of elsewhere:4242: rte starts from the best run of "
+                                       "the complete MNLI grid\n")
+
+
+def test_a_full_disk_stops_the_sweep_with_one_line_and_no_partial_files(tmp_path, capsys, tiny_checkpoint, monkeypatch):
+    write_synthetic_glue(tmp_path / "glue", rows=30)
+    out = tmp_path / "out"
+    args = sweep_args(tiny_checkpoint, *quick_mnli(tmp_path / "glue", out))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    run_dir = out / finetune_glue.run_folder("mnli", 1e-4, 8, 1, 0)
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune_glue, "write_predictions", full_disk)
+        assert main_error(capsys, *args) == (f"finetune_glue.py: error: cannot write {run_dir / '.staging'} (No space left "
+                                             "on device); free some disk space (or make it writable) and run the same "
+                                             "command again: every run recorded so far is kept.")
+    assert os.listdir(run_dir) == [".claim"] and not (out / "results.json").exists()
+    with monkeypatch.context() as patch:
+        patch.setattr(json, "dump", full_disk)  # results.json itself cannot be written
+        assert f"cannot write {out / 'results.json'} (No space left on device)" in main_error(capsys, *args)
+    leftovers = [os.path.join(folder, name) for folder, folders, files in os.walk(out) for name in files + folders
+                 if name.endswith(".tmp") or name == ".staging"]
+    assert leftovers == [] and os.listdir(run_dir) == [".claim"] and not (out / "results.json").exists()
+    finetune_glue.main(args)  # with space again, the same command records the run
+    assert len(recorded_runs(out)) == 1 and sorted(os.listdir(run_dir)) == [".claim", "AX.tsv", "MNLI-m.tsv",
+                                                                         "MNLI-mm.tsv"]
+
+
+def test_files_and_folders_in_odd_places(tmp_path, capsys, tiny_checkpoint, monkeypatch):
+    write_synthetic_glue(tmp_path / "glue", rows=30)
+    out = tmp_path / "out"
+    args = sweep_args(tiny_checkpoint, *quick_mnli(tmp_path / "glue", out))
+    run_dir = out / finetune_glue.run_folder("mnli", 1e-4, 8, 1, 0)
+    (run_dir / ".claim").mkdir(parents=True)
+    assert main_error(capsys, *args) == (f"finetune_glue.py: error: {run_dir / '.claim'} is a folder, where a run's "
+                                         "claim file belongs; remove it and run again.")
+    (run_dir / ".claim").rmdir()
+    (run_dir / ".staging").write_text("left by something else")  # a file where the staging folder goes
+    (out / ".results.lock").mkdir()
+    assert main_error(capsys, *args).endswith(f"{out / '.results.lock'} is a folder, where the sweep's lock file "
+                                              "belongs; remove it and run again.")
+    (out / ".results.lock").rmdir()
+    finetune_glue.main(args)
+    assert len(recorded_runs(out)) == 1 and not (run_dir / ".staging").exists()
+    # two learning rates that print alike get folders of their own
+    assert finetune_glue.run_folder("rte", 1e-5, 16, 3, 0) == os.path.join("runs", "rte", "lr1e-05-batch16-epochs3-seed0")
+    assert finetune_glue.run_folder("rte", 1.0000001e-5, 16, 3, 0) != finetune_glue.run_folder("rte", 1e-5, 16, 3, 0)
+    # Ctrl-C before any run is recorded says so
+    monkeypatch.setattr(finetune_glue, "sweep", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main_error(capsys, *sweep_args(tiny_checkpoint, *quick_mnli(tmp_path / "glue", tmp_path / "new"))) == \
+        "finetune_glue.py: error: interrupted before any run was recorded; run the same command to start again."

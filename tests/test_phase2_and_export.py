@@ -173,3 +173,49 @@ def test_export_refuses_a_used_folder_and_a_non_checkpoint(phase1, tmp_path):
     message = user_error("--export-hf", tmp_path / "nothing", tmp_path / "new")
     assert "cannot export: no checkpoint found at" in message and not (tmp_path / "new").exists()
 
+
+
+def test_init_from_checks_everything_before_writing_anything(text_at, phase1, tmp_path):
+    out = tmp_path / "out"
+    common = ["--data", text_at[64], "--out", out, *PHASE, "--max-steps", 2]
+    assert user_error(*common, "--init-optimizer") == ("train_bert.py: error: --init-optimizer carries the moments of "
+                                                       "--init-from's checkpoint; pass --init-from too")
+    file, checkpoint, _ = train_bert.load_checkpoint(phase1)
+    next(iter(checkpoint["optimizer"]["state"].values()))["exp_avg"][0, 0] = float("nan")
+    torch.save(checkpoint, tmp_path / "nan-moments.pt")
+    message = user_error(*common, "--init-from", tmp_path / "nan-moments.pt", "--init-optimizer")
+    assert message.startswith(f"train_bert.py: error: --init-optimizer: {tmp_path / 'nan-moments.pt'} holds ")
+    assert "not finite" in message and message.endswith("leave out --init-optimizer, or start from another checkpoint")
+    message = user_error(*common, "--init-from", phase1, "--hidden-size", 32, "--num-heads", 2)
+    assert "holds a different model" in message
+    assert not out.exists()  # refused before --out was made
+
+
+def test_export_refuses_what_transformers_could_not_use(phase1, tmp_path):
+    message = user_error("--export-hf", phase1, " ")
+    assert message == "train_bert.py: error: cannot export: the folder to export to must be named, not empty"
+    run_script("train_bert.py", "--export-hf", phase1, tmp_path / "hf")
+    message = user_error("--export-hf", tmp_path / "hf", tmp_path / "again")
+    assert message == (f"train_bert.py: error: cannot export: {tmp_path / 'hf'} is a Hugging Face folder already; "
+                       f"--export-hf takes a train_bert.py checkpoint")
+    file, checkpoint, _ = train_bert.load_checkpoint(phase1)
+    checkpoint["tokenizer_json"] = checkpoint["tokenizer_json"].replace('"[MASK]"', '"[MSK]"')
+    torch.save(checkpoint, tmp_path / "no-mask.pt")
+    message = user_error("--export-hf", tmp_path / "no-mask.pt", tmp_path / "new")
+    assert message == (f"train_bert.py: error: cannot export: the tokenizer of {tmp_path / 'no-mask.pt'} has no [MASK] "
+                       f"token, which a Hugging Face MLM needs")
+    assert not (tmp_path / "again").exists() and not (tmp_path / "new").exists()
+
+
+def test_export_to_a_full_disk_leaves_no_partial_folder(phase1, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(ValueError) as error:
+        train_bert.export_hugging_face(phase1, str(tmp_path / "hf"))
+    assert str(error.value) == (f"cannot write {tmp_path / 'hf'} (OSError: [Errno 28] No space left on device); "
+                                f"is the disk full?")
+    assert os.listdir(tmp_path) == []

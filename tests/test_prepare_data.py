@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from conftest import REPO, run_script
+from conftest import REPO, help_texts, run_script
 
 sys.path.insert(0, REPO)
 import prepare_data  # noqa: E402
@@ -569,17 +569,6 @@ def test_every_number_and_flag_is_checked_before_any_work(flags, words, tmp_path
     out = tmp_path / "out"
     code, lines = main_error_lines(["--input", text, "--tokenizer", tmp_path / "not-read.txt", *flags, "--out", out], capsys)
     assert_refused(code, lines, out, *words)
-
-
-def help_texts(help_output):
-    """{flag: its help text on one line} from the options that --help lists; "" for a flag without one."""
-    options = help_output.split("\noptions:\n")[1]
-    texts = {}
-    for entry in re.split(r"\n(?=  -)", options.rstrip()):
-        invocation, _, text = entry.strip().partition("  ")  # argparse puts two spaces or more before the help
-        flag = [word.rstrip(",") for word in invocation.split() if word.startswith("-")][-1]  # --help of -h, --help
-        texts[flag] = " ".join(text.split())
-    return texts
 
 
 def test_help_shows_a_text_and_the_default_of_every_flag(monkeypatch):

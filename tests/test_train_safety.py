@@ -157,7 +157,7 @@ def test_every_value_of_the_data_folder_is_checked(small_wikitext, tmp_path, bre
     shutil.copytree(small_wikitext, folder)
     breakage(folder)
     message = user_error("--data", folder, "--out", tmp_path / "out", *QUICK)
-    assert message.startswith(f"train_bert.py: error: ") and str(folder) in message and phrase in message, message
+    assert message.startswith("train_bert.py: error: ") and str(folder) in message and phrase in message, message
 
 
 def hugging_face_copy(minilm_dir, folder, config_change=None, weights_change=None):

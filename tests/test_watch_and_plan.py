@@ -130,3 +130,74 @@ def test_a_folder_of_prepared_folders_is_named_as_such(small_wikitext, tmp_path)
     message = user_error("--data", parent, "--out", tmp_path / "out", *TINY)
     assert message == (f"train_bert.py: error: {parent} is not a prepared data folder but holds 1: "
                        f"{os.path.basename(small_wikitext)}; pass one, e.g. --data {small_wikitext}")
+
+
+def test_plan_budget_counts_the_steps_done_before_a_resume():
+    """Resumed at step 1,000 with 1 of 2 hours left: 3,600 s less 600 s of overhead at 1.5 s = 2,000 more
+    steps; the whole run has 3,000 steps of 4,096 sequences."""
+    rest = TrainConfig(hours=1, batch=4096)
+    budget = train_bert.plan_budget(rest, 1.5, 600, 1_000_000, 10, 128, 335_000_000, steps_done=1000)
+    assert budget["steps"] == 2000 and budget["sequences"] == 3000 * 4096 and budget["epochs"] == pytest.approx(12.288)
+
+
+def test_plan_of_a_resumed_run_plans_the_rest_of_it(small_wikitext, tmp_path):
+    out = tmp_path / "run"
+    common = ["--data", small_wikitext, "--out", out, *TINY, "--batch", 16, "--micro-batch", 16]
+    run_train(*common, "--max-steps", 10)
+    before = sorted(os.listdir(out))
+    lines = run_train(*common, "--max-steps", 1000, "--resume", out, "--plan").stdout.splitlines()
+    assert sorted(os.listdir(out)) == before  # writes nothing, there either
+    budget = next(line for line in lines if line.startswith("budget: "))
+    assert re.match(r"budget: 24\.0 h, resumed at step 10 after [\d.]+ s: 24\.0 h left, of which", budget), budget
+    assert any(re.match(r"it buys 990 more optimizer steps in [\d.]+ (s|min); the whole run: 16k sequences", line)
+               for line in lines), lines
+    finished = run_train(*common, "--max-steps", 10, "--resume", out, "--plan").stdout.splitlines()
+    assert finished[-1].startswith("plan: the checkpoint is at step 10 after ") and "has reached its end" in finished[-1]
+    message = user_error(*common, "--resume", tmp_path / "nothing", "--plan")
+    assert message.startswith("train_bert.py: error: cannot resume: no checkpoint found at")
+
+
+def test_plan_counts_a_checkpoint_after_every_step(small_wikitext, tmp_path):
+    lines = run_train("--data", small_wikitext, "--out", tmp_path / "out", *TINY, "--batch", 16, "--micro-batch", 16,
+                      "--checkpoint-minutes", 0, "--plan").stdout.splitlines()
+    budget = next(line for line in lines if line.startswith("budget: "))
+    assert "; --checkpoint-minutes 0 adds a checkpoint of about " in budget and budget.endswith(" to every step")
+
+
+def test_values_that_are_not_finite_numbers_are_read_as_missing(tmp_path):
+    lines = ['{"kind": "train", "step": 1, "loss": NaN, "lr": 0.1}', '{"kind": "train", "step": 2, "loss": "7.5"}',
+             '{"kind": "train", "step": 3, "loss": true, "mfu": 1e999}', '{"kind": "train", "step": 4, "loss": 7}',
+             '{"kind": "train", "step": 5.0, "loss": 6}', '{"kind": "train", "step": 6, "loss": ' + "9" * 400 + '}',
+             '["not", "a", "record"]', '{"kind": "val", "step": true, "val_loss": 7}']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    train, val = train_bert.read_metrics(str(tmp_path))
+    assert [(r["step"], r["loss"], r["lr"], r["mfu"]) for r in train] == [
+        (1, None, 0.1, None), (2, None, None, None), (3, None, None, None), (4, 7.0, None, None), (6, None, None, None)]
+    assert val == []
+    pytest.importorskip("matplotlib")
+    assert train_bert.plot_runs([str(tmp_path)], str(tmp_path / "odd.png")) is None  # drawn, not a traceback
+
+
+def test_the_picture_follows_its_name_and_a_failed_draw_leaves_nothing(small_wikitext, tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run_train("--data", small_wikitext, "--out", run, *TINY, "--batch", 16, "--micro-batch", 16, "--max-steps", 4,
+              "--log-every", 1)
+    assert run_train("--plot", run, "--plot-file", tmp_path / "run.svg").stdout == f"drew {tmp_path / 'run.svg'}\n"
+    assert (tmp_path / "run.svg").read_text().lstrip().startswith("<?xml")
+    message = user_error("--plot", run, "--plot-file", tmp_path / "run.unknown")
+    assert message.startswith(f"train_bert.py: error: cannot draw {tmp_path / 'run.unknown'}: ") and "unknown" in message
+    message = user_error("--plot", run, "--plot-file", tmp_path / "no-such-folder" / "run.png")
+    assert message.startswith(f"train_bert.py: error: cannot draw {tmp_path / 'no-such-folder' / 'run.png'}: ")
+    assert sorted(os.listdir(tmp_path)) == ["run", "run.svg"]  # no temporary file left behind
+    many = [run] * 14  # a crowded picture: no legend, a short title
+    assert run_train("--plot", *many, "--plot-file", tmp_path / "many.png").returncode == 0
+
+
+@pytest.mark.parametrize("flags, phrase", [
+    (["--plot-file", "x.png"], "--plot-file says where --plot draws; pass --plot RUN too"),
+    (["--plot", "run", "--export-hf", "a", "b"], "--plot and --export-hf are two commands; run them one at a time"),
+    (["--plot", "run", "--plot-file", " "], "--plot-file must name a file (for example runs-compared.png), not be empty"),
+])
+def test_the_commands_are_used_one_at_a_time(flags, phrase):
+    assert user_error(*flags) == f"train_bert.py: error: {phrase}"
