@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import fcntl
 import functools
+import glob
 import io
 import json
 import os
@@ -853,8 +854,18 @@ def test_two_processes_share_one_sweep_as_one_process_would_run_it(tmp_path, tin
     """Two processes on one --out, as torchrun starts one per GPU: every run is made and recorded once,
     RTE starts from the same MNLI run in both, and the scores are those of the same sweep in one process."""
     shared, serial = tmp_path / "shared", tmp_path / "serial"
+    # The test holds the results lock until each process has claimed a run and waits to record it: both
+    # take part, however long either takes to start (a tiny run lasts less than importing torch).
+    shared.mkdir()
+    results_lock = open(shared / ".results.lock", "a")
+    fcntl.flock(results_lock, fcntl.LOCK_EX)
     processes = [start_sweep("--checkpoint", tiny_checkpoint, "--glue-dir", tiny_glue, "--out", shared, *SHARED_GRID)
                  for _ in range(2)]
+    deadline = time.time() + 300
+    while sum(map(finetune_glue.claim_is_held, glob.glob(str(shared / "runs" / "mnli" / "*" / ".claim")))) < 2:
+        assert time.time() < deadline and all(process.poll() is None for process in processes)
+        time.sleep(0.05)
+    results_lock.close()
     outputs = [process.communicate(timeout=600) for process in processes]
     for process, (stdout, stderr) in zip(processes, outputs):
         assert process.returncode == 0 and stderr == "", stdout + stderr
