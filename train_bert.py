@@ -2205,12 +2205,13 @@ def plot_runs(runs, png):
             points = [(h * per_hour, y) for h, y in points if h is not None and y is not None]
             return [x for x, _ in points], [y for _, y in points]
 
-        loss_axis.plot(*series(train, "loss"), color=color, alpha=0.6, label=f"{name} train")
+        dot = "." if len(train) == 1 else ""  # a line through one point would not show
+        loss_axis.plot(*series(train, "loss"), dot + "-", color=color, alpha=0.6, label=f"{name} train")
         loss_axis.plot(*series(val, "val_loss"), "o-", color=color, label=f"{name} validation")
-        lr_axis.plot(*series(train, "lr"), color=color, label=name)
-        speed_axis.plot(*series(train, "tokens_per_s"), color=color, label=name)
+        lr_axis.plot(*series(train, "lr"), dot + "-", color=color, label=name)
+        speed_axis.plot(*series(train, "tokens_per_s"), dot + "-", color=color, label=name)
         mfu_x, mfu_y = series(train, "mfu")
-        mfu_axis.plot(mfu_x, [100 * y for y in mfu_y], color=color, label=name)
+        mfu_axis.plot(mfu_x, [100 * y for y in mfu_y], dot + "-", color=color, label=name)
     for axis, title in ((loss_axis, "MLM loss"), (lr_axis, "learning rate"), (speed_axis, "tokens/s"),
                         (mfu_axis, "MFU (%)")):
         axis.set_title(title)
