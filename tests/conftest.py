@@ -1,6 +1,8 @@
 """Shared fixtures: the real third-party data beside the repo (../shared/data) and the real MiniLM BERT."""
+import contextlib
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -47,6 +49,18 @@ def prepared_wikitext(tmp_path_factory, wikitext_raw, minilm_dir):
     return str(out)
 
 
+def checked_help_texts(script, flag_count):
+    """(--help's text, {flag: its help text on one line}) of `script --help`, after checking that the usage line names
+    flag_count flags and that every flag has a help text with more in it than the flag's own words."""
+    help_output = run_script(script, "--help").stdout
+    texts = help_texts(help_output)
+    usage_flags = re.findall(r"(--[a-z-]+)", help_output.split("\n\n")[0])
+    assert set(texts) == {"--help", *usage_flags} and len(usage_flags) == flag_count
+    for flag, text in texts.items():
+        assert set(re.findall(r"[a-z]+", text.lower())) - set(flag.strip("-").split("-")), f"{flag} has no help text"
+    return help_output, texts
+
+
 def help_texts(help_output):
     """{flag: its help text on one line} from the options that --help lists; "" for a flag without one."""
     options = help_output.split("\noptions:\n")[1]
@@ -56,3 +70,29 @@ def help_texts(help_output):
         flag = [word.rstrip(",") for word in invocation.split() if word.startswith("-")][-1]  # --help of -h, --help
         texts[flag] = " ".join(text.split())
     return texts
+
+
+def hub_env(tmp_path, **variables):
+    """This environment without proxies or a user's hub settings, plus `variables`."""
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and not k.startswith("HF_")}
+    return {**env, "HF_HOME": str(tmp_path / "hf"), **variables}
+
+
+def free_port():
+    """A local port that nothing listens on (the OS just handed it out and it is closed again)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def listening_hub(monkeypatch):
+    """HF_ENDPOINT set to a local port that accepts connections, with no proxy and no HF_HUB_OFFLINE: a hub
+    that the scripts' reachability check finds, while the block runs."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listening.getsockname()[1]}")
+        for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY", "HF_HUB_OFFLINE"):
+            monkeypatch.delenv(name, raising=False)
+        yield

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA, help_texts, run_script
+from conftest import REPO, SHARED_DATA, checked_help_texts, free_port, hub_env, listening_hub, run_script
 
 sys.path.insert(0, REPO)
 import finetune_glue  # noqa: E402
@@ -583,12 +583,7 @@ def test_command_line_mistakes_are_one_line_too(capsys):
 
 def test_help_shows_a_text_and_the_default_of_every_flag(monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
-    help_output = run_script("finetune_glue.py", "--help").stdout
-    texts = help_texts(help_output)
-    usage_flags = re.findall(r"(--[a-z-]+)", help_output.split("\n\n")[0])
-    assert set(texts) == {"--help", *usage_flags} and len(usage_flags) == 10
-    for flag, text in texts.items():  # a text, and more in it than the flag's own words
-        assert set(re.findall(r"[a-z]+", text.lower())) - set(flag.strip("-").split("-")), f"{flag} has no help text"
+    help_output, texts = checked_help_texts("finetune_glue.py", 10)
     assert texts["--lr"].endswith("(default: 1e-05 3e-05 5e-05 8e-05)")
     assert texts["--batch"].endswith("(default: 16 32)") and texts["--epochs"].endswith("(default: 3 5)")
     assert texts["--seeds"].endswith("(default: 5)") and texts["--max-train-examples"].endswith("(default: all rows)")
@@ -642,19 +637,6 @@ def test_bad_rows_from_the_hub_name_the_task_and_split(monkeypatch, capsys, bad_
     assert message in error_line(capsys, finetune_glue.read_task, config(), "mnli")
 
 
-def hub_env(tmp_path, **variables):
-    """This environment without proxies or a user's hub settings, plus `variables`."""
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and not k.startswith("HF_")}
-    return {**env, "HF_HOME": str(tmp_path / "hf"), **variables}
-
-
-def free_port():
-    """A local port that nothing listens on (the OS just handed it out and it is closed again)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_unreachable_hub_fails_at_once_with_one_line(tmp_path, capsys, monkeypatch):
     """Not datasets' ~25 s of retries, a line each: one line in the time it takes to start."""
     endpoint = f"http://127.0.0.1:{free_port()}"
@@ -669,12 +651,7 @@ def test_an_unreachable_hub_fails_at_once_with_one_line(tmp_path, capsys, monkey
     assert seconds < 5, f"{seconds:.1f} s to the error"
     assert not (tmp_path / "out").exists()
     # the check goes where the request would: through a proxy when one is set, straight to the hub otherwise
-    with socket.socket() as listening:
-        listening.bind(("127.0.0.1", 0))
-        listening.listen()
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listening.getsockname()[1]}")
-        for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY", "HF_HUB_OFFLINE"):
-            monkeypatch.delenv(name, raising=False)
+    with listening_hub(monkeypatch):
         finetune_glue.check_hub_reachable()
         monkeypatch.setenv("http_proxy", endpoint)
         assert "(Connection refused)" in error_line(capsys, finetune_glue.check_hub_reachable)

@@ -4,7 +4,6 @@ import errno
 import filecmp
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from conftest import REPO, help_texts, run_script
+from conftest import REPO, checked_help_texts, free_port, hub_env, listening_hub, run_script
 
 sys.path.insert(0, REPO)
 import prepare_data  # noqa: E402
@@ -573,12 +572,7 @@ def test_every_number_and_flag_is_checked_before_any_work(flags, words, tmp_path
 
 def test_help_shows_a_text_and_the_default_of_every_flag(monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
-    help_output = run_script("prepare_data.py", "--help").stdout
-    texts = help_texts(help_output)
-    usage_flags = re.findall(r"(--[a-z-]+)", help_output.split("\n\n")[0])
-    assert set(texts) == {"--help", *usage_flags} and len(usage_flags) == 18
-    for flag, text in texts.items():  # a text, and more in it than the flag's own words
-        assert set(re.findall(r"[a-z]+", text.lower())) - set(flag.strip("-").split("-")), f"{flag} has no help text"
+    help_output, texts = checked_help_texts("prepare_data.py", 18)
     # every setting with a default shows it, as the config holds it
     for name, value in dataclasses.asdict(prepare_data.PrepareConfig()).items():
         if value not in ("", [], False):
@@ -1001,21 +995,6 @@ def test_a_hub_dataset_with_a_loading_script_is_read_from_its_parquet_conversion
                    "conversion cannot be read (Revision 'refs/convert/parquet' doesn't exist", "--input")
 
 
-def hub_env(tmp_path, **variables):
-    """This environment without proxies or a user's hub settings, plus `variables`."""
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and not k.startswith("HF_")}
-    return {**env, "HF_HOME": str(tmp_path / "hf"), **variables}
-
-
-def free_port():
-    """A local port that nothing listens on (the OS just handed it out and it is closed again)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_unreachable_hub_fails_at_once_with_one_line(tmp_path, minilm_dir, monkeypatch):
     endpoint = f"http://127.0.0.1:{free_port()}"
     out = tmp_path / "out"
@@ -1034,14 +1013,7 @@ def test_an_unreachable_hub_fails_at_once_with_one_line(tmp_path, minilm_dir, mo
         for leftover in (out, str(out) + ".partial", str(out) + ".lock"):
             assert not os.path.exists(leftover), leftover
     # the check goes where the request would: through a proxy when one is set, straight to the hub otherwise
-    import socket
-
-    with socket.socket() as listening:
-        listening.bind(("127.0.0.1", 0))
-        listening.listen()
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listening.getsockname()[1]}")
-        for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY", "HF_HUB_OFFLINE"):
-            monkeypatch.delenv(name, raising=False)
+    with listening_hub(monkeypatch):
         prepare_data.check_hub_reachable(["dataset some/set"])
         monkeypatch.setenv("http_proxy", endpoint)
         with pytest.raises(prepare_data.UserError, match="Connection refused"):

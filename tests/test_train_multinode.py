@@ -5,7 +5,6 @@ import glob
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, free_port
 from test_train_bert import TINY, TRAIN, final_state, records, run_train, small_wikitext, user_error  # noqa: F401
 
 sys.path.insert(0, REPO)
@@ -213,12 +212,6 @@ def test_96_micro_batches_equal_one(equal_predictions_wikitext, tmp_path):
 
 # -------------------------------------------------------------------------------------------------
 # Many processes with gloo on localhost
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(launcher_args, args):
