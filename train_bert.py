@@ -15,8 +15,8 @@ precision and a learning rate that follows the clock.
 
 The file reads top to bottom: config -> model -> optimizer -> data -> schedule -> checkpoints (resume,
 --init-from) -> pretrained models (load, export) -> processes -> before the loop -> one optimizer step ->
-log lines -> the run: train() -> --plan -> the picture -> main(). finetune_glue.py imports BertEncoder and
-load_pretrained from here.
+log lines -> the run: train() -> --plan -> the picture -> main(). finetune_glue.py imports load_pretrained
+from here.
 """
 import signal
 import sys
@@ -932,12 +932,10 @@ def set_aside(files, out, step):
     return folder
 
 
-def resume(cfg, model, optimizer, scaler, model_config, data_sha256, rank, world_size, device):
-    """Loads the checkpoint --resume names into the model, optimizer, scaler and RNG after checking that it
-    continues this run: the same model, data (by hash), batch, optimizer and seed. States every other
-    flag that differs and what that does to the learning rate. Returns the run state to continue from."""
-    file, newer = on_rank0(rank, world_size, lambda: find_resume_checkpoint(cfg))
-    checkpoint = checked_resume_checkpoint(cfg, file, model_config, data_sha256, optimizer)
+def resume(cfg, file, newer, checkpoint, model, optimizer, scaler, rank, world_size, device):
+    """Loads a checkpoint that checked_resume_checkpoint passed into the model, optimizer, scaler and RNG,
+    and moves the `newer` checkpoints of --out aside (a new branch). States every other flag that differs
+    and what that does to the learning rate. Returns the run state to continue from."""
     old = checkpoint.get("train_config") or {}
     try:
         model.load_state_dict(checkpoint["model"])
@@ -974,8 +972,8 @@ def resume(cfg, model, optimizer, scaler, model_config, data_sha256, rank, world
 
 def checked_resume_checkpoint(cfg, file, model_config, data_sha256, optimizer):
     """The checkpoint `file`, read, after checking that it can continue this run: a run state and optimizer
-    moments that can be used, the same model, data (by hash), batch, optimizer and seed. Writes nothing,
-    so that --plan can ask it too."""
+    moments that can be used, the same model, data (by hash), batch, optimizer and seed. Writes nothing:
+    a refused resume leaves no trace, and --plan asks it too."""
     try:
         checkpoint = read_checkpoint(file)
     except ValueError as error:
@@ -1490,7 +1488,7 @@ def make_model_config(cfg, meta):
 def build_model(config, seed, device):
     """BertForMLM on the device, initialised from `seed`: the same weights on every rank. A model whose
     weights, gradients, two optimizer moments and the copy of apply_update (20 bytes per parameter in
-    fp32) exceed the device's memory is refused before it is built, one layer at a time, into swap."""
+    fp32) exceed the device's memory is refused before it is built, rather than paging to swap for hours."""
     needed_bytes = 20 * parameter_count(config)
     memory_bytes = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else
                     os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
@@ -1509,8 +1507,9 @@ def build_model(config, seed, device):
 
 
 def is_out_of_memory(error):
-    """torch.OutOfMemoryError on a GPU; on a CPU, a RuntimeError from the allocator or a MemoryError."""
-    return isinstance(error, MemoryError) or "memory" in str(error).lower()
+    """torch.OutOfMemoryError on a GPU; on a CPU, the allocator's RuntimeError or a MemoryError. (Not any
+    error that mentions memory: "an illegal memory access" is a CUDA fault, not a size to lower.)"""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "DefaultCPUAllocator" in str(error)
 
 
 def pick_precision(precision, device):
@@ -1578,7 +1577,8 @@ def train_step(train_model, optimizer, scaler, powersgd, batches, micro_batches,
     wishes at that moment: [out of time, signal number or 0, checkpoint due, validation due, clock].
 
     Returns (decisions, mean loss, gradient norm, data position after the step, seconds per micro-batch
-    when timed). The loss and norm stay on the device; the all-reduce is the step's one host sync."""
+    when timed). The loss and norm stay on the device; the host waits twice: for the all-reduce, and for
+    apply_update's check of the new weights."""
     params = optimizer_params(optimizer)
     loss_sum, micro_batch_s = torch.zeros((), device=device), []
     for i in range(micro_batches):
@@ -1605,7 +1605,7 @@ def train_step(train_model, optimizer, scaler, powersgd, batches, micro_batches,
     nonfinite, out_of_time, signal_number, checkpoint_due, validation_due, clock_s = flags.tolist()
     if nonfinite:  # never let it reach the weights; fp16's scaler also lowers its scale
         scaler.update()
-    skipped = bool(nonfinite) or not apply_update(optimizer, scaler, params, world_size)
+    skipped = bool(nonfinite) or not apply_update(optimizer, scaler, params)
     if skipped and powersgd:
         reset_powersgd(powersgd)
     optimizer.zero_grad(set_to_none=True)
@@ -1615,19 +1615,17 @@ def train_step(train_model, optimizer, scaler, powersgd, batches, micro_batches,
 
 
 @torch.no_grad()
-def apply_update(optimizer, scaler, params, world_size):
+def apply_update(optimizer, scaler, params):
     """The optimizer step, with its result checked: if any weight comes out non-finite (an overflow inside
     the optimizer, from a huge learning rate or trust ratio, with a finite loss and gradient), every weight
     is put back as it was, so no non-finite number ever reaches the weights. The optimizer's moments keep
-    the step's (finite) gradient. Returns whether the update was kept. Costs one copy of the weights."""
+    the step's (finite) gradient. Returns whether the update was kept. Costs one copy of the weights and
+    one host sync; no communication, since every rank holds the same weights after the same update."""
     before = [p.detach().clone() for p in params]
     scaler.step(optimizer)
     scaler.update()
     largest = torch.stack(torch._foreach_norm([p.detach() for p in params], ord=math.inf)).max()
-    finite = torch.isfinite(largest).double()
-    if world_size > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if finite.item():
+    if torch.isfinite(largest).item():
         return True
     torch._foreach_copy_(params, before)
     return False
@@ -1835,9 +1833,10 @@ def finish(stop_reason, signal_number, last_file, write_error, state, cfg, preci
                     f"--resume {cfg.out}") if kept else "No checkpoint was completed; free space, then start again"
         fail(f"could not write a checkpoint to {cfg.out}/checkpoints ({write_error}); is the disk full? {what_now}")
     if stop_reason == "nonfinite":
-        fail(f"stopped: {NONFINITE_STEPS_LIMIT} steps in a row had a non-finite loss, gradient or update; the "
-             f"weights before them are in {last_file}; lower --lr" + (" or use --precision bf16" if precision == "fp16"
-                                                                     else ""))
+        fail(f"stopped: {NONFINITE_STEPS_LIMIT} steps in a row had a non-finite loss, gradient or update, none of "
+             f"which reached the weights; {last_file} holds the weights before them (if the loss rose first, see "
+             f"metrics.jsonl and resume an earlier checkpoint); lower --lr"
+             + (" or use --precision bf16" if precision == "fp16" else ""))
     if stop_reason == "out_of_memory":
         fail(f"out of memory at step {state['step'] + 1} with --micro-batch {cfg.micro_batch}; the weights of step "
              f"{state['step']} are in {last_file}; pass a smaller --micro-batch (--plan finds one that fits) and "
@@ -1871,25 +1870,23 @@ def train(cfg):
     speed = dict(seq_len=seq_len, flops_per_step=flops_per_sequence(model_config, seq_len, meta["max_predictions"])
                  * cfg.batch, peak_flops=peak_flops(cfg, device))
     setup = describe_setup(cfg, model, optimizer_name, precision, world_size, micro_batches, powersgd, val_split)
+    # --- where to start: a fresh run, another run's weights, or exactly where a checkpoint left off; all
+    # checked before anything is written
     if cfg.init_from and not cfg.resume:  # a second phase resumes its own checkpoints: --init-from only starts it
-        init_from(cfg, model, optimizer, model_config, tokenizer_json, rank)  # before anything is written
-    if cfg.plan:  # measure, say what the budget buys, write nothing
-        done = dict(step=0, elapsed_s=0.0)
-        if cfg.resume:  # the plan is for the rest of the run
-            try:
-                file = load_checkpoint(cfg.resume)[0]
-            except ValueError as error:
-                fail(f"cannot resume: {error}")
-            done = checked_resume_checkpoint(cfg, file, model_config, data_sha256, optimizer)["state"]
+        init_from(cfg, model, optimizer, model_config, tokenizer_json, rank)
+    resumed = None
+    if cfg.resume:
+        file, newer = on_rank0(rank, world_size, lambda: find_resume_checkpoint(cfg))
+        resumed = file, newer, checked_resume_checkpoint(cfg, file, model_config, data_sha256, optimizer)
+    if cfg.plan:  # measure, say what the budget buys (with --resume, the rest of it), write nothing
         log("\n".join(setup), rank)
         return plan(cfg, train_model, optimizer, scaler, powersgd, splits, meta, device, precision, rank, world_size,
-                    speed, done)
-
-    # --- where to start: a fresh run, or exactly where a checkpoint left off
+                    speed, resumed[2]["state"] if resumed else dict(step=0, elapsed_s=0.0))
     on_rank0(rank, world_size, lambda: prepare_output(cfg))  # one writer per --out
     state = dict(step=0, epoch=0, step_in_epoch=0, sequences_seen=0, elapsed_s=0.0, skipped_steps=0)
-    if cfg.resume:
-        state = resume(cfg, model, optimizer, scaler, model_config, data_sha256, rank, world_size, device)
+    if resumed:
+        state = resume(cfg, *resumed, model, optimizer, scaler, rank, world_size, device)
+        resumed = None  # the checkpoint's tensors can go
     log("\n".join(setup), rank)
     elapsed_before_s = state["elapsed_s"]
 
@@ -1929,7 +1926,7 @@ def train(cfg):
     # (guessed at 100 MB/s for the weights and two moments until the first one is measured)
     step_s, validation_s, checkpoint_s = 0.0, 0.0, 12 * sum(p.numel() for p in model.parameters()) / 100e6
     last_checkpoint = last_validation = time.time()
-    validated_step = None if val_split["sequences"] else state["step"]  # an empty split: nothing to validate
+    validated_step = None
     window, skipped_in_a_row, stop_reason, last_file, write_error = new_window(device), 0, None, None, None
     picture = dict(drawn_at=time.time(), takes_s=2.0)  # OUT/metrics.png; takes_s: guessed until measured
     decisions = dict(signal=0)  # what all ranks agreed on at the last step
@@ -1984,7 +1981,7 @@ def train(cfg):
                 break
             last_file, checkpoint_s, last_checkpoint = file, max(checkpoint_s, seconds), time.time()
             window["paused_s"] += seconds
-        if decisions["validation_due"] and validated_step != state["step"]:
+        if decisions["validation_due"] and val_split["sequences"] and validated_step != state["step"]:
             validation_started = time.time()
             validate()
             draw(picture, cfg, cfg.hours * 3600 - elapsed_s(), rank)
@@ -1997,7 +1994,7 @@ def train(cfg):
     if not write_error:
         file, write_error, _ = checkpoint(stop_reason)
         last_file = last_file if write_error else file
-    if stop_reason in ("max_steps", "deadline", "signal") and validated_step != state["step"]:
+    if stop_reason in ("max_steps", "deadline", "signal") and val_split["sequences"] and validated_step != state["step"]:
         validate()
     draw(picture, cfg, cfg.hours * 3600 - elapsed_s(), rank, final=True)
     if world_size > 1:
@@ -2035,12 +2032,16 @@ def plan(cfg, train_model, optimizer, scaler, powersgd, splits, meta, device, pr
                                               optimizer, scaler, powersgd, splits["train"], meta, device, precision,
                                               rank, world_size)
             break
-        except torch.OutOfMemoryError:
+        except (RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
             optimizer.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             if micro_batch == 1 or cfg.batch % (world_size * (micro_batch // 2)):
-                fail(f"--micro-batch {micro_batch} does not fit in the memory of {torch.cuda.get_device_name(device)}, "
-                     f"and no smaller micro-batch divides --batch {cfg.batch}; choose a smaller --model")
+                where = torch.cuda.get_device_name(device) if device.type == "cuda" else "this machine"
+                fail(f"--micro-batch {micro_batch} does not fit in the memory of {where}, and no smaller micro-batch "
+                     f"divides --batch {cfg.batch}; choose a smaller --model")
             micro_batch //= 2
     train_sequences, n_params = splits["train"]["sequences"], sum(p.numel() for p in optimizer_params(optimizer))
     # what a run spends besides training: startup (measured), checkpoints (at 100 MB/s for the weights and
@@ -2231,7 +2232,7 @@ def plot_runs(runs, png):
     root, extension = os.path.splitext(png)
     temporary = root + ".tmp" + extension
     try:
-        figure.savefig(temporary, dpi=100)
+        figure.savefig(temporary, format=extension[1:] or "png", dpi=100)
         os.replace(temporary, png)
     except (OSError, ValueError) as error:  # ValueError: an extension matplotlib cannot write
         with contextlib.suppress(OSError):

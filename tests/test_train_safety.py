@@ -109,9 +109,9 @@ def test_apply_update_puts_back_a_non_finite_update():
     for p in weights:
         p.grad = torch.ones_like(p)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    assert not train_bert.apply_update(torch.optim.SGD(weights, lr=math.inf), scaler, weights, world_size=1)
+    assert not train_bert.apply_update(torch.optim.SGD(weights, lr=math.inf), scaler, weights)
     assert torch.equal(weights[0].data, torch.ones(3)) and torch.equal(weights[1].data, torch.full((2, 2), 2.0))
-    assert train_bert.apply_update(torch.optim.SGD(weights, lr=0.5), scaler, weights, world_size=1)
+    assert train_bert.apply_update(torch.optim.SGD(weights, lr=0.5), scaler, weights)
     assert torch.equal(weights[0].data, torch.full((3,), 0.5))
 
 
@@ -551,3 +551,27 @@ def test_running_out_of_memory_stops_with_the_last_weights(small_wikitext, tmp_p
     assert_user_error(result, "out of memory at step 1 with --micro-batch 96; the weights of step 0 are in",
                       "pass a smaller --micro-batch (--plan finds one that fits)")
     assert final_state(out)["stop_reason"] == "out_of_memory"
+
+
+def test_an_empty_validation_split_is_never_validated(tmp_path, wikitext_raw, minilm_dir):
+    with open(wikitext_raw, encoding="utf-8") as f:
+        (tmp_path / "text.raw").write_text(f.read(40_000), encoding="utf-8")
+    run_script("prepare_data.py", "--input", tmp_path / "text.raw", "--tokenizer", os.path.join(minilm_dir, "tokenizer.json"),
+               "--dup-factor", 2, "--val-fraction", 0, "--workers", 1, "--out", tmp_path / "data")
+    result = run_train("--data", tmp_path / "data", "--out", tmp_path / "out", *QUICK, "--max-steps", 6)
+    assert "note: the validation split is empty; validation is skipped" in result.stdout
+    assert "validation at step" not in result.stdout and records(tmp_path / "out", "val") == []
+
+
+def test_a_refused_resume_leaves_no_trace(stopped_run, small_wikitext, tmp_path):
+    for flags in (["--resume", tmp_path / "nothing"], ["--resume", stopped_run, "--seed", 3]):
+        message = user_error("--data", small_wikitext, "--out", tmp_path / "new", *QUICK, *flags)
+        assert message.startswith("train_bert.py: error: cannot resume") and not (tmp_path / "new").exists(), message
+
+
+def test_only_a_lack_of_memory_counts_as_one():
+    assert train_bert.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert train_bert.is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                                                    "not enough memory: you tried to allocate 1073741824 bytes."))
+    assert train_bert.is_out_of_memory(MemoryError())
+    assert not train_bert.is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))

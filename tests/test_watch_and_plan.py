@@ -201,3 +201,11 @@ def test_the_picture_follows_its_name_and_a_failed_draw_leaves_nothing(small_wik
 ])
 def test_the_commands_are_used_one_at_a_time(flags, phrase):
     assert user_error(*flags) == f"train_bert.py: error: {phrase}"
+
+
+def test_a_picture_file_without_an_extension_is_a_png(small_wikitext, tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run_train("--data", small_wikitext, "--out", run, *TINY, "--batch", 16, "--micro-batch", 16, "--max-steps", 2)
+    assert run_train("--plot", run, "--plot-file", tmp_path / "picture").returncode == 0
+    assert (tmp_path / "picture").read_bytes()[:8] == PNG_SIGNATURE
