@@ -8,7 +8,8 @@ Turn raw text into pre-masked, memory-mapped arrays for BERT pretraining (the 24
 Pipeline: read documents as a stream -> hold out validation documents -> cut the stream into
 chunks of about 512 KB of text (a longer document into several, at whitespace) -> in parallel, per
 chunk: tokenize, pack into fixed-length [CLS] ... [SEP] rows, mask each row `dup_factor` times ->
-write shards in chunk order. Memory stays bounded whatever the corpus or the length of a document.
+write shards in chunk order. The workers' memory stays bounded whatever the corpus or the length of a
+document; the main process holds one document at a time (with --doc-sep file, one whole file).
 
 Safety: OUT is written as OUT.partial and renamed when complete; Ctrl-C or SIGTERM, once or repeatedly,
 removes OUT.partial and kills the workers, which also die with the main process on Linux; OUT.lock keeps a
@@ -55,7 +56,8 @@ from concurrent.futures import ProcessPoolExecutor, wait as wait_for_futures
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
-from multiprocessing import current_process as mp_current_process, parent_process as mp_parent_process
+from multiprocessing import current_process as mp_current_process, get_context as mp_get_context, \
+    parent_process as mp_parent_process
 
 import numpy as np
 
@@ -236,6 +238,7 @@ def read_hub_dataset(source, text_column):
 
     name = source["name"]
     path, _, config = name.partition(":")
+    stream = None  # set once the dataset is found: errors after that are about its rows, not the cache
     try:
         try:
             stream = datasets.load_dataset(path, config or None, split="train", streaming=True)
@@ -262,10 +265,10 @@ def read_hub_dataset(source, text_column):
     except KeyError:
         raise UserError(f"dataset {name} has no column {text_column!r}; set --text-column")
     except Exception as e:  # unknown name, not in the cache, ...: the library's first line says which
-        if hub_offline():
+        if hub_offline() and stream is None:
             raise UserError(f"dataset {name} is not in the local cache ({first_line(e)}) and HF_HUB_OFFLINE=1 keeps "
                             f"the hub out; unset HF_HUB_OFFLINE to download it, or pass local files with --input")
-        raise UserError(f"could not read dataset {name} from the hub: {first_line(e)}")
+        raise UserError(f"could not read dataset {name}: {first_line(e)}")
 
 
 def first_line(error):
@@ -328,8 +331,11 @@ def iter_documents(sources, cfg):
             for doc in docs:
                 if doc and not doc.isspace():  # None (a null in .jsonl, Parquet or the hub) is skipped too
                     yield doc
-        except UnicodeDecodeError:  # only text and .jsonl files are decoded here; found line by line afterwards
+        except UnicodeDecodeError:  # text and .jsonl files: the line is found afterwards; Parquet has no lines
             path = source["path"]
+            if path.endswith(".parquet"):
+                raise UserError(f"{path} column {cfg.text_column!r} holds text that is not UTF-8; fix the file or "
+                                f"leave it out")
             raise UserError(f"{path}:{first_bad_line(path)} is not UTF-8 text; convert the file to UTF-8 or leave it out")
 
 
@@ -350,7 +356,8 @@ def is_hub_name(name):
 
 def hub_needs(cfg, sources):
     """What this run fetches from the hub: its hub datasets, and the tokenizer unless it is a file or trained."""
-    needs = [f"dataset {s['name']}" for s in sources if s["kind"] == "hub"]
+    needs = [f"dataset {s['name']}" for s in sources if s["kind"] == "hub"
+             and not os.path.exists(s["name"].partition(":")[0])]  # a local folder datasets reads, no hub
     tokenizer = cfg.tokenizer or DEFAULT_TOKENIZER
     if not cfg.train_tokenizer and is_hub_name(tokenizer):
         needs.append(f"tokenizer {tokenizer}")
@@ -612,7 +619,7 @@ def chunk_tasks(documents, cfg):
         is_val = draws[doc_index % 65536] < cfg.val_fraction and val_docs < cfg.max_val_docs
         split = "val" if is_val else "train"
         val_docs += is_val
-        for piece_index, piece in enumerate(split_long_document(doc)):
+        for piece_index, piece in enumerate(split_long_document(doc) if len(doc) > CHUNK_CHARS else (doc,)):
             pending[split].append(piece)
             pending_continues[split].append(piece_index > 0)
             pending_chars[split] += len(piece)
@@ -633,7 +640,9 @@ def run_chunks(tasks, workers, tokenizer_json, settings):
         for task in tasks:
             yield process_chunk(*task)
         return
-    with ProcessPoolExecutor(workers, initializer=init_worker, initargs=(tokenizer_json, settings)) as pool:
+    # fork, which the worker cleanup below relies on (Python 3.14 no longer makes it the default on Linux)
+    with ProcessPoolExecutor(workers, mp_context=mp_get_context("fork"), initializer=init_worker,
+                             initargs=(tokenizer_json, settings)) as pool:
         try:
             in_flight = deque()
             for task in tasks:
@@ -717,7 +726,7 @@ class ShardWriter:
 
 
 # -----------------------------------------------------------------------------
-# The run
+# The run: the flags, the output folder (settings, damage, lock), then prepare()
 
 def check_config(cfg):
     """Every flag is checked before any work starts; a bad value gets one line naming the flag and its range."""
@@ -756,6 +765,10 @@ def output_settings(cfg, sources):
     """Everything that changes the arrays; a finished folder made with other settings is refused."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers", "dataset", "input", "demo")}
     settings["tokenizer"] = cfg.tokenizer or ("" if cfg.train_tokenizer else DEFAULT_TOKENIZER)
+    if cfg.tokenizer and os.path.isfile(cfg.tokenizer):  # a file that changes is another tokenizer
+        stat = os.stat(cfg.tokenizer)
+        settings["tokenizer_file"] = {"path": os.path.abspath(cfg.tokenizer), "bytes": stat.st_size,
+                                      "modified_ns": stat.st_mtime_ns}
     if not cfg.train_tokenizer:
         settings.pop("vocab_size")
     settings["sources"] = sources
@@ -1081,8 +1094,13 @@ def parse_args(argv=None):
 
 def usage_error(message):
     """argparse's complaints (an unknown flag, "--seed x"), as one line like every other error."""
-    print(f"error: {message}; see --help", file=sys.stderr)
-    sys.exit(2)
+    exit_with_error(f"{message}; see --help", 2)
+
+
+def exit_with_error(message, status):
+    """The one line every mistake ends with, as the other two scripts write it."""
+    print(f"prepare_data.py: error: {message}", file=sys.stderr)
+    sys.exit(status)
 
 
 def interrupt(signum, frame):
@@ -1100,25 +1118,20 @@ def main(argv=None):
     try:
         prepare(cfg)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(e, 2)
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was kept, run the same command again to start over", file=sys.stderr)
-        sys.exit(130)
+        exit_with_error("interrupted; nothing was kept, run the same command again to start over", 130)
     except BrokenProcessPool:
-        print("error: a worker process died (killed, or out of memory?); nothing was kept, run the same command "
-              "again, with fewer --workers if memory is short", file=sys.stderr)
-        sys.exit(1)
+        exit_with_error("a worker process died (killed, or out of memory?); nothing was kept, run the same command "
+                        "again, with fewer --workers if memory is short", 1)
     except OSError as e:
         if is_disk_full(e):
             where = e.filename or os.path.abspath(cfg.out) + ".partial"
-            print(f"error: the disk is full or refuses a file this large ({where}); free space or choose an --out "
-                  f"on another disk, and run the same command again", file=sys.stderr)
-            sys.exit(1)
+            exit_with_error(f"the disk is full or refuses a file this large ({where}); free space or choose an --out "
+                            f"on another disk, and run the same command again", 1)
         if e.filename is None:
             raise  # not about a path: a bug, so the traceback stays
-        print(f"error: {e.filename}: {e.strerror}; check the path and its permissions", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(f"{e.filename}: {e.strerror}; check the path and its permissions", 2)
 
 
 def is_disk_full(error):

@@ -301,7 +301,7 @@ def test_rows_with_nothing_to_mask_are_counted_and_noted(tmp_path, minilm_dir, c
 def assert_clean_failure(result, out, *words):
     assert result.returncode != 0, result.stdout
     assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("prepare_data.py: error:")]
     assert len(lines) == 1, result.stderr
     for word in words:
         assert word in lines[0], lines[0]
@@ -416,7 +416,7 @@ def test_a_second_signal_still_ends_the_run_at_once(signal_number, to_the_group,
             os.kill(pid, signal.SIGKILL)
     lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("tokenizing and masking")]
     assert process.returncode == 130, stderr
-    assert lines == ["error: interrupted; nothing was kept, run the same command again to start over"], stderr
+    assert lines == ["prepare_data.py: error: interrupted; nothing was kept, run the same command again to start over"], stderr
     assert live_processes_with(str(out)) == [], "a worker outlived the run"
     for leftover in (out, str(out) + ".partial", str(out) + ".lock"):
         assert not os.path.exists(leftover), leftover
@@ -519,10 +519,10 @@ PREPARE = os.path.join(REPO, "prepare_data.py")
 
 def main_error_lines(args, capsys):
     """Runs prepare_data.main in this process (no traceback means no exception got out); returns its exit
-    status and the lines of its stderr that start with "error:"."""
+    status and the lines of its stderr that start with "prepare_data.py: error:"."""
     with pytest.raises(SystemExit) as exit_info:
         prepare_data.main([str(a) for a in args])
-    return exit_info.value.code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    return exit_info.value.code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("prepare_data.py: error:")]
 
 
 def assert_refused(code, lines, out, *words):
@@ -534,7 +534,7 @@ def assert_refused(code, lines, out, *words):
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--seed", "-1"], ["error: --seed must be an integer in [0, 2**63), not -1"]),
+    (["--seed", "-1"], ["prepare_data.py: error: --seed must be an integer in [0, 2**63), not -1"]),
     (["--seed", str(2**63)], ["--seed", "[0, 2**63)"]),
     (["--workers", "-1"], ["--workers", "[0, 256]"]),
     (["--workers", "100000"], ["--workers"]),
@@ -722,7 +722,7 @@ def test_a_damaged_out_is_not_found_complete(what, damage, words, tmp_path, mini
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
     code, lines = main_error_lines(args, capsys)
     assert code == 2 and len(lines) == 1, lines
-    for word in [f"error: {out}", *words, "delete it and run the same command again"]:
+    for word in [f"prepare_data.py: error: {out}", *words, "delete it and run the same command again"]:
         assert word in lines[0], lines[0]
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before, "the damaged OUT was changed"
     assert not os.path.exists(str(out) + ".partial") and not os.path.exists(str(out) + ".lock")
@@ -777,9 +777,9 @@ def test_one_writer_per_output_folder(tmp_path, minilm_dir, wikitext_raw):
             time.sleep(0.01)
         os.kill(first.pid, signal.SIGSTOP)  # it holds the lock while the second run starts, however fast it is
         second = run_script("prepare_data.py", *args, "--out", out, check=False)
-        lines = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        lines = [line for line in second.stderr.splitlines() if line.startswith("prepare_data.py: error:")]
         assert second.returncode == 2 and "Traceback" not in second.stderr and len(lines) == 1, second.stderr
-        assert lines[0].startswith(f"error: another prepare_data.py (pid {first.pid} on ")
+        assert lines[0].startswith(f"prepare_data.py: error: another prepare_data.py (pid {first.pid} on ")
         assert f"is writing {out}; wait for it to finish or choose another --out" in lines[0]
         assert os.path.isdir(str(out) + ".partial"), "the refused run removed the first run's OUT.partial"
     finally:
@@ -843,7 +843,7 @@ def test_full_disk_in_any_form_leaves_nothing(tmp_path, minilm_dir, monkeypatch,
         with pytest.raises(SystemExit) as exit_info:
             prepare_data.main(["--input", str(text), "--tokenizer", os.path.join(minilm_dir, "vocab.txt"),
                                "--workers", "1", "--out", str(out)])
-        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prepare_data.py: error:")]
         assert exit_info.value.code == 1 and len(lines) == 1 and "the disk is full" in lines[0], (error, lines)
         for leftover in (out, str(out) + ".partial", str(out) + ".lock"):
             assert not os.path.exists(leftover), leftover
@@ -1006,7 +1006,7 @@ def test_an_unreachable_hub_fails_at_once_with_one_line(tmp_path, minilm_dir, mo
         seconds = time.time() - start
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, result.stderr
-        assert lines[0].startswith(f"error: cannot reach the Hugging Face hub at {endpoint} (Connection refused) "
+        assert lines[0].startswith(f"prepare_data.py: error: cannot reach the Hugging Face hub at {endpoint} (Connection refused) "
                                    f"for the dataset wikimedia/wikipedia:20231101.en, the dataset bookcorpus/bookcorpus")
         assert lines[0].endswith(f"; set HF_HUB_OFFLINE=1 to use what is in the local cache, or pass local files with {local}")
         assert seconds < 5, f"{seconds:.1f} s to the error"
@@ -1024,12 +1024,53 @@ def test_offline_with_an_empty_cache_gets_one_line(tmp_path, minilm_dir):
     env = hub_env(tmp_path, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "hf" / "datasets"),
                   HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")  # were the hub asked, it would refuse
     for flags, words in (
-        ([], ["error: tokenizer bert-large-uncased is not in the local cache and HF_HUB_OFFLINE=1 keeps the hub out",
+        ([], ["prepare_data.py: error: tokenizer bert-large-uncased is not in the local cache and HF_HUB_OFFLINE=1 keeps the hub out",
               "--tokenizer FILE"]),
         (["--dataset", "some/set:en", "--tokenizer", os.path.join(minilm_dir, "vocab.txt")],
-         ["error: dataset some/set:en is not in the local cache (", "HF_HUB_OFFLINE=1 keeps the hub out", "--input"]),
+         ["prepare_data.py: error: dataset some/set:en is not in the local cache (", "HF_HUB_OFFLINE=1 keeps the hub out", "--input"]),
     ):
         out = tmp_path / "out"
         result = subprocess.run([sys.executable, PREPARE, *flags, "--out", str(out)], capture_output=True, text=True,
                                 cwd=REPO, env=env, timeout=120)
         assert_clean_failure(result, out, *words)
+
+
+def test_a_tokenizer_file_changed_since_out_was_made_is_noticed(tmp_path, minilm_dir, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(DOCS) + "\n")
+    vocab = tmp_path / "vocab.txt"
+    shutil.copyfile(os.path.join(minilm_dir, "vocab.txt"), vocab)
+    out = tmp_path / "out"
+    args = ["--input", text, "--tokenizer", vocab, "--workers", "1", "--out", out]
+    prepare_data.main([str(a) for a in args])
+    meta_before = (out / "meta.json").read_bytes()
+    words = vocab.read_text().splitlines()
+    the, of = words.index("the"), words.index("of")
+    words[the], words[of] = words[of], words[the]  # the same size, other ids
+    vocab.write_text("\n".join(words) + "\n")
+    os.utime(vocab, ns=(time.time_ns(), os.stat(vocab).st_mtime_ns + 10**10))
+    code, lines = main_error_lines(args, capsys)
+    assert code == 2 and len(lines) == 1 and "tokenizer_file" in lines[0], lines
+    assert (out / "meta.json").read_bytes() == meta_before
+
+
+def test_a_local_dataset_folder_needs_no_hub(tmp_path):
+    cfg = prepare_data.PrepareConfig(dataset=[str(tmp_path)], tokenizer="vocab.txt")
+    assert prepare_data.hub_needs(cfg, prepare_data.describe_sources(cfg)) == []
+    cfg = prepare_data.PrepareConfig(dataset=["some/set:en"], tokenizer="vocab.txt")
+    assert prepare_data.hub_needs(cfg, prepare_data.describe_sources(cfg)) == ["dataset some/set:en"]
+
+
+def test_offline_a_bad_row_is_not_blamed_on_the_cache(monkeypatch):
+    import datasets
+
+    def rows():
+        yield {"text": "fine"}
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: rows())
+    with pytest.raises(prepare_data.UserError) as error:
+        list(prepare_data.read_hub_dataset({"name": "some/set"}, "text"))
+    assert str(error.value).startswith("could not read dataset some/set: 'utf-8' codec can't decode")
+    assert "local cache" not in str(error.value)
