@@ -248,13 +248,16 @@ def check_hub_reachable():
     if hub_offline():
         return
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    url = urllib.parse.urlsplit(endpoint)
-    if not url.hostname:
+    try:
+        url = urllib.parse.urlsplit(endpoint)
+    except ValueError:  # "http://[::1", say
+        url = None
+    if not url or not url.hostname:
         fail(f"HF_ENDPOINT must be a URL such as https://huggingface.co, not {endpoint!r}; correct it or unset it.")
     proxy = urllib.request.getproxies().get(url.scheme)
-    if proxy and not urllib.request.proxy_bypass(url.hostname):
-        url = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
     try:
+        if proxy and not urllib.request.proxy_bypass(url.hostname):
+            url = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
         port = url.port or (443 if url.scheme == "https" else 80)
         socket.create_connection((url.hostname, port), timeout=HUB_CONNECT_TIMEOUT_S).close()
     except (OSError, ValueError) as error:  # no such host, refused, timed out; ValueError: a port that is not a number
@@ -507,8 +510,8 @@ def fine_tune(cfg, task, train, encoder, pooler_state, lr, batch_size, epochs, s
                 loss.backward()
                 grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 # One NaN or inf in a step would make every weight NaN: skip such a step instead. (Asking
-                # costs a wait for the GPU each step, little next to the step itself.)
-                if torch.isfinite(loss) and torch.isfinite(grad_norm):
+                # costs one wait for the GPU each step.)
+                if (torch.isfinite(loss) & torch.isfinite(grad_norm)).item():
                     optimizer.step()
                 else:
                     skipped_steps += 1
@@ -530,7 +533,7 @@ def fine_tune(cfg, task, train, encoder, pooler_state, lr, batch_size, epochs, s
 # Ctrl-C), so the run of a dead process is free again: there are no stale claims to clean up.
 # results.json, results.md and submission/ change only under an exclusive flock on
 # OUT/.results.lock, by read-merge-write: read results.json again, add the finished run unless it is
-# there already, replace the file. On a shared filesystem: Linux turns flock on NFSv4 into byte-range
+# there already (replacing a stale run of the same place in the grid), replace the file. On a shared filesystem: Linux turns flock on NFSv4 into byte-range
 # locks that every client sees, so processes on several machines can share a sweep; a filesystem
 # without locks refuses flock, and the process stops with one line.
 #
@@ -562,7 +565,7 @@ RUN_FIELDS = {"task": str, "lr": (int, float), "batch_size": int, "epochs": int,
 def results_problem(results):
     """What makes the contents of a results.json unusable, in words, or None."""
     if not isinstance(results, dict) or not isinstance(results.get("settings"), dict) \
-            or not isinstance(results.get("runs"), list):
+            or not isinstance(results["settings"].get("checkpoint"), str) or not isinstance(results.get("runs"), list):
         return "does not hold the settings and runs of a finetune_glue.py sweep"
     hashes = results["settings"].setdefault("data_sha256", {})  # absent in a sweep of an earlier version
     if not isinstance(hashes, dict) or not all(isinstance(value, str) for value in hashes.values()):
@@ -719,8 +722,8 @@ def claim_holder(path):
 
 def record_run(cfg, origin, record, staging_dir, digest):
     """Under the results lock: adds a finished run to results.json, unless a process that ran it too has
-    recorded it already (a stale run of its place in the grid goes), moves its files from staging_dir
-    into its run folder, and rebuilds results.md and submission/. Returns whether the run was added."""
+    recorded it already: moves its files from staging_dir into its run folder, adds it (replacing a stale
+    run of its place in the grid), and rebuilds results.md and submission/. Returns whether it was added."""
     try:
         with results_lock(cfg):
             results = read_results(cfg, origin)
@@ -729,9 +732,19 @@ def record_run(cfg, origin, record, staging_dir, digest):
             if added:
                 results["settings"]["data_sha256"][record["task"]] = digest
                 results["runs"] = [run for run in results["runs"] if run_slot(run) != run_slot(record)] + [record]
-                save_results(cfg, results)  # first: the run folder only ever holds a recorded run's files
-                for name in os.listdir(staging_dir):
-                    os.replace(os.path.join(staging_dir, name), os.path.join(cfg.out, record["run_dir"], name))
+                moved = []
+                try:  # the files first: a recorded run always has them
+                    for name in os.listdir(staging_dir):
+                        moved.append(os.path.join(cfg.out, record["run_dir"], name))
+                        os.replace(os.path.join(staging_dir, name), moved[-1])
+                    save_results(cfg, results)
+                except BaseException as error:  # a full disk, Ctrl-C: no files of an unrecorded run stay behind
+                    for file in moved:
+                        with contextlib.suppress(OSError):
+                            os.remove(file)
+                    if isinstance(error, OSError):
+                        write_failed(os.path.join(cfg.out, record["run_dir"]), error)
+                    raise
                 write_reports(cfg, results)
     finally:  # also when the sweep stops here: no half-written files left behind
         shutil.rmtree(staging_dir, ignore_errors=True)
@@ -743,8 +756,8 @@ def check_data(cfg, task, results, digest):
     recorded = results["settings"]["data_sha256"].get(task)
     if recorded not in (None, digest):
         fail(f"{cfg.out} holds {task} runs made on other data (sha256 {recorded[:12]}..., the data read now has "
-             f"{digest[:12]}...): GLUE's files changed, or another --glue-dir or --max-train-examples; pass the data "
-             "of those runs, or a new --out.")
+             f"{digest[:12]}...): GLUE's files changed, or another --glue-dir; pass the data of those runs, or a "
+             "new --out.")
 
 
 def current_runs(results, task):
@@ -753,11 +766,19 @@ def current_runs(results, task):
     earlier choice are stale (the next sweep runs them again)."""
     runs = [run for run in results["runs"] if run["task"] == task]
     if results["settings"].get("from_mnli") and task in FROM_MNLI_TASKS:
-        mnli_runs = [run for run in results["runs"] if run["task"] == "mnli"]
-        chosen = f"mnli:{choose(mnli_runs)[0]['run_dir']}" if mnli_runs else None
-        runs = [run for run in runs if run["init"] == chosen]
+        runs = [run for run in runs if run["init"] == chosen_mnli_start(results)]
     return runs
 
+
+def chosen_mnli_start(results):
+    """"mnli:RUN_DIR" of the MNLI run that --from-mnli tasks start from now, or None before any MNLI run."""
+    mnli_runs = [run for run in results["runs"] if run["task"] == "mnli"]
+    return f"mnli:{choose(mnli_runs)[0]['run_dir']}" if mnli_runs else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Choosing and reporting: the paper's protocol (the best configuration by its median over seeds), then
+# results.md and submission/ from every recorded run.
 
 def median_run(runs):
     """The run with the median score (with an even number of runs, the lower of the middle two)."""
@@ -844,11 +865,16 @@ def write_predictions(path, task, index, outputs):
             f.write(f"{row_index}\t{prediction}\n")
 
 
+# ---------------------------------------------------------------------------------------------------
+# Running the sweep: where each task starts, one run, one task's grid
+
 def start_of(cfg, task, origin):
     """What a task's runs start from: "pretrained", or with --from-mnli for RTE, MRPC and STS-B
     "mnli:RUN_DIR", the MNLI run chosen over every recorded one, once no other process runs one."""
     if not (cfg.from_mnli and task in FROM_MNLI_TASKS):
         return "pretrained"
+    # It waits on claims, not on a grid: this process may not know the MNLI grid of the processes that run
+    # it. Should one of them be between two runs, the choice may change later; its runs then go stale.
     waiting_for = None
     while True:
         results = read_results(cfg, origin)
@@ -864,10 +890,10 @@ def start_of(cfg, task, origin):
                   "from the best run of the complete MNLI grid", flush=True)
             waiting_for = running
         time.sleep(POLL_SECONDS)
-    mnli_runs = [run for run in results["runs"] if run["task"] == "mnli"]
-    if not mnli_runs:
+    start = chosen_mnli_start(results)
+    if start is None:
         fail(f"--from-mnli needs finished MNLI runs in {cfg.out} before {task}; add mnli to --task.")
-    return f"mnli:{choose(mnli_runs)[0]['run_dir']}"
+    return start
 
 
 def start_model(cfg, init, encoder, pooler_state):
@@ -898,8 +924,8 @@ def run_folder(task, lr, batch_size, epochs, seed):
 
 
 def run_one(cfg, task, run, data, digest, tokens, start, origin, device):
-    """Claims one run of the grid, fine-tunes and scores it, and records it. Returns False, having done
-    nothing, when another process holds its claim or has recorded it meanwhile."""
+    """Claims one run of the grid, fine-tunes and scores it, and records it. Returns whether this process
+    trained it: False, having done nothing, when another process holds its claim or recorded it first."""
     lr, batch_size, epochs, seed = run
     run_dir = run_folder(task, *run)
     claim_file = claim(os.path.join(cfg.out, run_dir, ".claim"))
@@ -955,8 +981,8 @@ def run_one(cfg, task, run, data, digest, tokens, start, origin, device):
 
 def sweep_task(cfg, task, data, tokenizer, encoder, pooler_state, origin, device):
     """Every run of the grid that is neither recorded nor claimed by another process, one after another.
-    With --from-mnli the MNLI sweep then waits for the MNLI runs of other processes (and takes over any
-    whose process dies), so that RTE, MRPC and STS-B start from the best run of the complete grid."""
+    With --from-mnli and RTE, MRPC or STS-B in --task, the MNLI sweep then waits for the MNLI runs of
+    other processes (and takes over any whose process dies), so that they start from the complete grid."""
     grid = [(lr, batch_size, epochs, seed) for lr in cfg.learning_rates for batch_size in cfg.batch_sizes
             for epochs in cfg.epochs for seed in range(cfg.seeds)]
 
@@ -1070,17 +1096,6 @@ def pick_device():
     return device
 
 
-def main(argv=None):
-    cfg = parse_args(argv)
-    try:
-        sweep(cfg)
-    except KeyboardInterrupt:
-        results = os.path.join(cfg.out, "results.json")
-        if not os.path.isfile(results):
-            fail("interrupted before any run was recorded; run the same command to start again.")
-        fail(f"interrupted; the finished runs are in {results}; run the same command to go on.")
-
-
 def sweep(cfg):
     """Checks every input, then sweeps each task in turn; prints results.md at the end."""
     device = pick_device()
@@ -1113,6 +1128,17 @@ def sweep(cfg):
         write_reports(cfg, read_results(cfg, origin))
     with open(os.path.join(cfg.out, "results.md")) as f:
         print(f.read())
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        sweep(cfg)
+    except KeyboardInterrupt:
+        results = os.path.join(cfg.out, "results.json")
+        if not os.path.isfile(results):
+            fail("interrupted before any run was recorded; run the same command to start again.")
+        fail(f"interrupted; the finished runs are in {results}; run the same command to go on.")
 
 
 if __name__ == "__main__":

@@ -370,13 +370,16 @@ def check_hub_reachable(needs):
     if not needs or hub_offline():
         return
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    url = urllib.parse.urlsplit(endpoint)
-    if not url.hostname:
+    try:
+        url = urllib.parse.urlsplit(endpoint)
+    except ValueError:  # "http://[::1", say
+        url = None
+    if not url or not url.hostname:
         raise UserError(f"HF_ENDPOINT must be a URL such as https://huggingface.co, not {endpoint!r}")
     proxy = urllib.request.getproxies().get(url.scheme)
-    if proxy and not urllib.request.proxy_bypass(url.hostname):
-        url = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
     try:
+        if proxy and not urllib.request.proxy_bypass(url.hostname):
+            url = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
         port = url.port or (443 if url.scheme == "https" else 80)
         socket.create_connection((url.hostname, port), timeout=HUB_CONNECT_TIMEOUT_S).close()
     except (OSError, ValueError) as e:  # no such host, refused, timed out; ValueError: a port that is not a number

@@ -686,6 +686,8 @@ def test_bad_results_json_names_the_file(tmp_path, capsys, tiny_checkpoint):
         (b"\xff\xfe{}", "is not valid JSON"),
         (b"[]", "does not hold the settings and runs of a finetune_glue.py sweep"),
         (json.dumps({"settings": settings}).encode(), "does not hold the settings and runs of a finetune_glue.py sweep"),
+        (json.dumps({"settings": {k: v for k, v in settings.items() if k != "checkpoint"}, "runs": []}).encode(),
+         "does not hold the settings and runs of a finetune_glue.py sweep"),
         (json.dumps({"settings": settings, "runs": [good, {k: v for k, v in good.items() if k != "score"}]}).encode(),
          "has a run (number 2) without a valid 'score'"),
         (json.dumps({"settings": settings, "runs": [{**good, "batch_size": "16"}]}).encode(),
@@ -1024,7 +1026,7 @@ def test_runs_made_on_other_data_are_refused(tmp_path, capsys, tiny_checkpoint):
     message = main_error(capsys, *sweep_args(tiny_checkpoint, *quick_mnli(tmp_path / "other", out, "--seeds", "2")))
     assert message == (f"finetune_glue.py: error: {out} holds mnli runs made on other data (sha256 {digest[:12]}..., "
                        f"the data read now has {message.split('now has ')[1][:12]}...): GLUE's files changed, or another "
-                       "--glue-dir or --max-train-examples; pass the data of those runs, or a new --out.")
+                       "--glue-dir; pass the data of those runs, or a new --out.")
     assert len(recorded_runs(out)) == 1
     finetune_glue.main(sweep_args(tiny_checkpoint, *quick_mnli(tmp_path / "glue", out, "--seeds", "2")))
     assert "mnli: 1 of 2 runs already recorded, 1 to go" in capsys.readouterr().out  # the same data goes on
@@ -1122,3 +1124,32 @@ def test_files_and_folders_in_odd_places(tmp_path, capsys, tiny_checkpoint, monk
     monkeypatch.setattr(finetune_glue, "sweep", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main_error(capsys, *sweep_args(tiny_checkpoint, *quick_mnli(tmp_path / "glue", tmp_path / "new"))) == \
         "finetune_glue.py: error: interrupted before any run was recorded; run the same command to start again."
+
+
+def test_a_failed_move_into_the_run_folder_records_nothing(tmp_path, capsys, tiny_checkpoint, monkeypatch):
+    write_synthetic_glue(tmp_path / "glue", rows=30)
+    out = tmp_path / "out"
+    args = sweep_args(tiny_checkpoint, *quick_mnli(tmp_path / "glue", out))
+    run_dir = out / finetune_glue.run_folder("mnli", 1e-4, 8, 1, 0)
+    real_replace, moves = os.replace, []
+
+    def replace_fails_on_the_second_file(source, target):
+        if ".staging" in str(source):
+            moves.append(target)
+            if len(moves) == 2:
+                raise OSError(errno.EIO, "Input/output error")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(finetune_glue.os, "replace", replace_fails_on_the_second_file)
+    assert main_error(capsys, *args) == (f"finetune_glue.py: error: cannot write {run_dir} (Input/output error); free "
+                                         "some disk space (or make it writable) and run the same command again: every "
+                                         "run recorded so far is kept.")
+    assert os.listdir(run_dir) == [".claim"] and not (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("endpoint", ["http://[::1", "huggingface.co"])
+def test_a_malformed_hub_address_is_one_line(capsys, monkeypatch, endpoint):
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert error_line(capsys, finetune_glue.check_hub_reachable).endswith(
+        f"HF_ENDPOINT must be a URL such as https://huggingface.co, not {endpoint!r}; correct it or unset it.")

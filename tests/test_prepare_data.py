@@ -1074,3 +1074,10 @@ def test_offline_a_bad_row_is_not_blamed_on_the_cache(monkeypatch):
         list(prepare_data.read_hub_dataset({"name": "some/set"}, "text"))
     assert str(error.value).startswith("could not read dataset some/set: 'utf-8' codec can't decode")
     assert "local cache" not in str(error.value)
+
+
+def test_a_malformed_hub_address_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://[::1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(prepare_data.UserError, match=r"HF_ENDPOINT must be a URL such as https://huggingface.co"):
+        prepare_data.check_hub_reachable(["dataset some/set"])
