@@ -13,7 +13,7 @@ precision and a learning rate that follows the clock.
         train_bert.py --data /shared/wiki --out /shared/runs/lans --optimizer lans --schedule lans --lr 0.005 \
         --warmup 0.05 --batch 98304 --micro-batch 64 --comm-hook bf16
 
-The file reads top to bottom: config -> model -> optimizer -> data -> schedule -> checkpoints (resume,
+The file reads top to bottom: config -> model -> optimizer -> messages -> data -> schedule -> checkpoints (resume,
 --init-from) -> pretrained models (load, export) -> processes -> before the loop -> one optimizer step ->
 log lines -> the run: train() -> --plan -> the picture -> main(). finetune_glue.py imports load_pretrained
 from here.
@@ -504,13 +504,43 @@ def make_optimizer(model, cfg, device):
     return Lamb(groups, lr=cfg.lr, max_grad_norm=1.0), f"built-in Lamb ({reason})"
 
 
+def optimizer_params(optimizer):
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 # -----------------------------------------------------------------------------------------------
-# Data: the memory-mapped arrays of prepare_data.py (the contract is meta.json, see its docstring)
+# Messages: one line for the user on a mistake, rank 0's log lines, numbers as people say them
 
 
 def fail(message):
     """Ends the program with one line for the user, without a traceback."""
     raise SystemExit(f"train_bert.py: error: {message}")
+
+
+def log(message, rank):
+    if rank == 0:
+        print(message, flush=True)
+
+
+def readable(seconds):
+    """A duration as people say it: 0 s, 0.34 s, 7.7 s, 45 s, 12.5 min, 3.2 h."""
+    if seconds < 10:
+        return f"{seconds:.2g} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+
+def amount(count):
+    """A large count as people say it: 850, 12.3k, 4.56M, 1.23B."""
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if count >= size:
+            return f"{count / size:.3g}{suffix}"
+    return f"{count:.3g}"
+
+
+# -----------------------------------------------------------------------------------------------
+# Data: the memory-mapped arrays of prepare_data.py (the contract is meta.json, see its docstring)
 
 
 ARRAYS = ("input_ids", "mask_positions", "mask_tokens")
@@ -1367,11 +1397,6 @@ def on_stop_signal(signum, frame):
     signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
 
 
-def log(message, rank):
-    if rank == 0:
-        print(message, flush=True)
-
-
 def setup_processes():
     """(rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain python is rank 0 of 1."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -1631,10 +1656,6 @@ def apply_update(optimizer, scaler, params):
     return False
 
 
-def optimizer_params(optimizer):
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
 @torch.no_grad()
 def evaluate(model, split, micro_batch, pad_id, rank, world_size, device, precision):
     """(MLM loss, masked-token accuracy) on a split with one fixed masking, summed over all ranks."""
@@ -1763,23 +1784,6 @@ def validation_interval_s(cfg, step_s):
     if cfg.max_steps and step_s:
         run_s = min(run_s, cfg.max_steps * step_s)
     return min(30 * 60.0, run_s / 20)
-
-
-def readable(seconds):
-    """A duration as people say it: 0 s, 0.34 s, 7.7 s, 45 s, 12.5 min, 3.2 h."""
-    if seconds < 10:
-        return f"{seconds:.2g} s"
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
-
-
-def amount(count):
-    """A large count as people say it: 850, 12.3k, 4.56M, 1.23B."""
-    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if count >= size:
-            return f"{count / size:.3g}{suffix}"
-    return f"{count:.3g}"
 
 
 def clock_time(timestamp):
