@@ -889,8 +889,7 @@ def lock_output(out):
         fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock_file.seek(0)
-        holder = lock_file.read().strip() or "a process"
-        fail(f"another train_bert.py ({holder}) is writing to {out}; wait for it to end, or choose another --out")
+        refuse_busy_output(out, lock_file.read().strip())
     except OSError as error:
         fail(f"cannot lock {out}/.lock ({error.strerror}): its filesystem has no file locks; use a local --out")
     try:
@@ -900,6 +899,24 @@ def lock_output(out):
     except OSError as error:  # a full disk
         fail(f"cannot write to --out {out} ({error.strerror}); free space or choose another --out")
     OUTPUT_LOCKS.append(lock_file)
+
+
+def refuse_busy_output(out, holder):
+    fail(f"another train_bert.py ({holder or 'a process'}) is writing to {out}; wait for it to end, or choose "
+         f"another --out")
+
+
+def check_output_is_free(out):
+    """Before anything is read for a resume: a run that holds OUT/.lock is said to, at once. Creates
+    nothing (the lock is tried shared, for a moment, on the file if it exists)."""
+    try:
+        with open(os.path.join(out, ".lock")) as lock_file:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                refuse_busy_output(out, lock_file.read().strip())
+    except OSError:  # no lock file, or a filesystem without locks: lock_output says which, later
+        pass
 
 
 def prepare_output(cfg):
@@ -938,6 +955,7 @@ def find_resume_checkpoint(cfg):
     """Rank 0: the checkpoint --resume names, and the checkpoints of --out newer than it, which the resumed
     run would otherwise mix with its own. Refuses to continue another run's checkpoint into an --out that
     holds checkpoints of its own. Returns (file, newer files)."""
+    check_output_is_free(cfg.out)
     try:
         file, _, unreadable = load_checkpoint(cfg.resume)
     except ValueError as error:
